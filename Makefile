@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each creates .venv when missing.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+AIMLQA  := $(VENV)/bin/aimlqa
+STAMP   := $(VENV)/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+INDEX   ?= $(or $(AIMLQA_INDEX),$(HOME)/.cache/aimlqa/indexes/course)
+
+.PHONY: install index run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch on disk, before anything that would pull a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+index: install
+	$(AIMLQA) index build data/course data/qa/aiml_qa.jsonl --qa-split train --out $(INDEX)
+
+run: index
+	$(AIMLQA) serve --index $(INDEX) --host $(HOST) --port $(PORT)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/retrieval.py
+	$(PY) bench/generation.py
+	$(PY) bench/finetune.py
+	$(PY) bench/serve_load.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from aimlqa.cli import main
+
+main()

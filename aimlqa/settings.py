@@ -1,0 +1,34 @@
+"""Paths and defaults that tie the packages together, overridable by environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def home() -> Path:
+    """Where converted models, indexes and fine-tuned adapters live (`AIMLQA_HOME`)."""
+    return Path(os.environ.get("AIMLQA_HOME", Path.home() / ".cache" / "aimlqa")).expanduser()
+
+
+def data_dir() -> Path:
+    """The project's own course notes and Q&A set (`AIMLQA_DATA`, default the shipped `data/`)."""
+    return Path(os.environ.get("AIMLQA_DATA", REPO_ROOT / "data"))
+
+
+def course_dir() -> Path:
+    return data_dir() / "course"
+
+
+def qa_file() -> Path:
+    return data_dir() / "qa" / "aiml_qa.jsonl"
+
+
+def default_index_dir() -> Path:
+    return Path(os.environ.get("AIMLQA_INDEX", home() / "indexes" / "course"))
+
+
+class UserError(Exception):
+    """A problem with the user's input: shown as one clear line, never as a traceback."""
