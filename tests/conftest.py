@@ -100,3 +100,19 @@ def retriever(built_index, embedder):
     from index.retriever import Retriever
 
     return Retriever.load(built_index, embedder=embedder)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from tests.tiny import FAMILIES, build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: build_tiny(f, root / f) for f in FAMILIES}
+
+
+@pytest.fixture()
+def aimlqa_home(tmp_path, monkeypatch) -> Path:
+    """An empty AIMLQA_HOME (and user registry) per test."""
+    monkeypatch.setenv("AIMLQA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("AIMLQA_MODELS", raising=False)
+    return tmp_path / "home"

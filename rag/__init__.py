@@ -1,0 +1,1 @@
+"""Prompts, generators, the model registry and the Answerer."""

@@ -1,0 +1,68 @@
+"""`aimlqa ask` and `aimlqa models`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def open_retriever(index: Optional[Path], required: bool = False):
+    """The given index, else the default one if it exists; None when there is none and it is optional."""
+    from aimlqa import settings
+    from aimlqa.settings import UserError
+    from index.retriever import Retriever
+
+    path = index or settings.default_index_dir()
+    if index is None and not (path / "manifest.json").is_file():
+        if required:
+            raise UserError(f"no index at {path}; build one with `make index` or pass --index DIR")
+        return None
+    return Retriever.load(path)
+
+
+def ask(
+    question: str = typer.Argument(..., help="The question"),
+    model: str = typer.Option("gemma-270m", "--model", "-m", help="A registered model (see `aimlqa models`)"),
+    rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground the answer in retrieved passages"),
+    k: int = typer.Option(3, "-k", help="Passages to retrieve"),
+    index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course)"),
+    mode: str = typer.Option("dense", help="Retrieval: dense | bm25 | hybrid"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole answer as JSON"),
+):
+    """Answer one question with a registered model, showing its sources."""
+    from rag.answer import Answerer
+    from rag.registry import get_spec
+
+    spec = get_spec(model)
+    retriever = open_retriever(index, required=spec.backend == "retrieval" or (rag and index is not None)) if rag or spec.backend == "retrieval" else None
+    answer = Answerer(spec, retriever, mode=mode).answer(question, rag=rag, k=k, max_new_tokens=max_new_tokens, temperature=temperature)
+    if as_json:
+        typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(answer.text or "(no answer)")
+    if answer.sources:
+        typer.echo("\nSources:")
+        for n, s in enumerate(answer.sources, 1):
+            typer.echo(f"  [{n}] {s.section_id} (score {s.score:.3f})")
+    t = answer.timings
+    typer.echo(f"\n{answer.model}, rag={'on' if answer.rag else 'off'}, {answer.prompt_tokens}+{answer.completion_tokens} tokens, "
+               f"retrieve {t.get('retrieve_ms', 0):.0f} ms, generate {t.get('generate_ms', 0):.0f} ms", err=True)
+
+
+def models():
+    """List the registered models."""
+    from rag.registry import load_registry
+
+    for spec in load_registry().values():
+        adapter = f" + {spec.adapter}" if spec.adapter else ""
+        typer.echo(f"{spec.name:18} {spec.family:8} {spec.backend:12} {spec.base}{adapter}  {spec.description}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(ask)
+    app.command()(models)

@@ -1,0 +1,71 @@
+"""The generator interface: prompts in, texts out, batched, with stop sequences and token counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from aimlqa.settings import UserError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 96
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"  # stop | length
+
+
+class Generator(Protocol):
+    context_window: int
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, prompts: list[str], config: GenerationConfig) -> list[Generation]: ...
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the first stop sequence, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def load_generator(spec, **overrides) -> "Generator":
+    """The generator a registry entry names; GPU-only back ends are imported only when asked for."""
+    backend = overrides.pop("backend", None) or spec.backend
+    if backend == "transformers":
+        from rag.generators.hf import TransformersGenerator
+
+        return TransformersGenerator(spec, **overrides)
+    if backend == "vllm":
+        from rag.generators.vllm import VLLMGenerator
+
+        return VLLMGenerator(spec, **overrides)
+    raise UserError(f"model {spec.name!r} has backend {backend!r}, which does not generate text")
+
+
+def default_config(spec, template_stop: tuple[str, ...] = (), **overrides) -> GenerationConfig:
+    fields = dict(
+        max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        repetition_penalty=spec.repetition_penalty,
+        stop=template_stop,
+    )
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return GenerationConfig(**fields)
+

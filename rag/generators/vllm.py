@@ -1,0 +1,60 @@
+"""vLLM back end: `LLM` with LoRA enabled and a `LoRARequest` per adapter; needs CUDA."""
+
+from __future__ import annotations
+
+from aimlqa.settings import UserError
+from rag.embedded import resolve_base
+from rag.generators.base import Generation, GenerationConfig, cut_at_stop
+
+ALTERNATIVE = "use the transformers back end instead (`backend: transformers` in the registry, or --backend transformers)"
+
+
+def require_vllm():
+    """vLLM, or a clear error naming the alternative: imported only when this back end is asked for."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"the vLLM back end needs a CUDA GPU and none is available; {ALTERNATIVE}")
+    try:
+        import vllm
+    except ImportError:
+        raise UserError(f"the vLLM back end needs the `vllm` package (`pip install -e '.[gpu]'`); {ALTERNATIVE}") from None
+    return vllm
+
+
+class VLLMGenerator:
+    def __init__(self, spec, gpu_memory_utilization: float = 0.85, max_lora_rank: int = 64):
+        vllm = require_vllm()
+        from vllm.lora.request import LoRARequest
+
+        self.spec = spec
+        self._vllm = vllm
+        kwargs = dict(model=resolve_base(spec.base), max_model_len=spec.context_window, gpu_memory_utilization=gpu_memory_utilization)
+        if spec.load_in_4bit:
+            kwargs.update(quantization="bitsandbytes")
+        if spec.adapter:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        self.llm = vllm.LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.lora = LoRARequest(spec.name, 1, spec.adapter) if spec.adapter else None
+        self.context_window = spec.context_window
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: list[str], config: GenerationConfig) -> list[Generation]:
+        params = self._vllm.SamplingParams(
+            max_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            repetition_penalty=config.repetition_penalty,
+            stop=list(config.stop) or None,
+            seed=config.seed,
+        )
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        results = []
+        for out in outputs:
+            c = out.outputs[0]
+            text, _ = cut_at_stop(c.text, config.stop)
+            results.append(Generation(text, len(out.prompt_token_ids), len(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
+        return results
