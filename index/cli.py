@@ -82,3 +82,26 @@ def check(
             typer.echo(line)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+@data_app.command("split")
+def split_cmd(
+    files: list[Path] = typer.Argument(..., help="Q&A files in any supported layout"),
+    out: Path = typer.Option(..., "--out", "-o", help="JSONL to write, each record with its `split`"),
+    fractions: str = typer.Option("0.8,0.1,0.1", help="train,validation,test fractions"),
+):
+    """Merge, de-duplicate and fix a split (by a hash of the normalised question) into one JSONL file."""
+    from collections import Counter
+
+    from aimlqa.settings import UserError
+    from index.qa import load_many, split_of, write_jsonl
+
+    try:
+        fr = tuple(float(x) for x in fractions.split(","))
+    except ValueError:
+        raise UserError(f"--fractions {fractions!r}: expected three numbers like 0.8,0.1,0.1") from None
+    records = load_many(files)
+    for r in records:
+        r.split = split_of(r.question, fr)
+    write_jsonl(records, out)
+    typer.echo(f"wrote {len(records)} records to {out}: {dict(Counter(r.split for r in records))}")
