@@ -1,0 +1,83 @@
+"""Loading a model for training: full, LoRA (peft) or 4-bit QLoRA (Unsloth or peft + bitsandbytes)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from aimlqa.settings import UserError
+
+
+def check_hardware(recipe) -> None:
+    """Refuse a 4-bit recipe up front on a machine without CUDA: no half-run."""
+    if recipe.method == "qlora" and not torch.cuda.is_available():
+        raise UserError(
+            f"recipe {recipe.name!r} trains a 4-bit (QLoRA) model and needs a CUDA GPU; none is available here. "
+            "On a CPU use `gemma-270m-lora` or `gpt2-lora`"
+        )
+
+
+def lora_config(recipe, seq2seq: bool):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=recipe.lora.target_modules,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+        bias="none",
+    )
+
+
+def load_for_training(spec, recipe):
+    """(model, tokenizer, how): the trainable model the recipe asks for."""
+    check_hardware(recipe)
+    if recipe.method == "qlora":
+        return _load_qlora(spec, recipe)
+    from peft import get_peft_model
+
+    from rag.generators.hf import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(spec, adapter="", trainable=True)
+    if recipe.method == "lora":
+        model = get_peft_model(model, lora_config(recipe, spec.seq2seq))
+    model.train()
+    return model, tok, f"{recipe.method} (peft)" if recipe.method == "lora" else "full"
+
+
+def _load_qlora(spec, recipe):
+    if recipe.use_unsloth and importlib.util.find_spec("unsloth") is not None:
+        from unsloth import FastLanguageModel
+
+        model, tok = FastLanguageModel.from_pretrained(spec.base, max_seq_length=recipe.max_length, load_in_4bit=True, dtype=None)
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora.target_modules,
+            bias="none",
+            use_gradient_checkpointing="unsloth",
+            random_state=recipe.seed,
+        )
+        how = "qlora (unsloth)"
+    else:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        )
+        tok = AutoTokenizer.from_pretrained(spec.base)
+        model = AutoModelForCausalLM.from_pretrained(spec.base, quantization_config=quant, device_map={"": 0})
+        model = prepare_model_for_kbit_training(model)
+        model = get_peft_model(model, lora_config(recipe, False))
+        how = "qlora (peft + bitsandbytes)"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, how

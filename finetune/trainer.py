@@ -1,0 +1,211 @@
+"""The one trainer for every recipe: transformers' Trainer with an answer-only loss, validation by
+generated answers (ROUGE on real generations), best checkpoint kept, resume and clean Ctrl-C."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from aimlqa.settings import UserError
+
+
+def answer_only_loss(model, batch, num_items: int | None = None) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, projecting only their hidden states through the output layer.
+
+    A causal LM's forward computes logits for every position; for Gemma 3 270M the 262k-word output
+    layer is 168M of its 268M parameters, and only the answer tokens need it.
+    """
+    labels = batch["labels"]
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hf.config.is_encoder_decoder:
+        out = model(**batch)
+        return out.loss
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = labels[:, 1:]
+    mask = target != -100
+    logits = hf.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    loss = F.cross_entropy(logits, target[mask], reduction="sum")
+    return loss / (num_items if num_items else mask.sum().clamp(min=1))
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    return {k: sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C asks for a checkpoint at the end of the current step, then a clean stop."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def install(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, *_):
+        if self.stop:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step with a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class QATrainer(Trainer):
+    """Trainer with the answer-only loss and generation-based validation."""
+
+    def __init__(self, *args, answerer_factory=None, eval_questions=(), eval_references=(), eval_contexts=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answerer_factory = answerer_factory
+        self.eval_questions = list(eval_questions)
+        self.eval_references = list(eval_references)
+        self.eval_contexts = eval_contexts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n = int(num_items_in_batch) if num_items_in_batch is not None else None
+        loss = answer_only_loss(model, inputs, n)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.generated_rouge().items()}
+        metrics[f"{metric_key_prefix}_samples"] = len(self.eval_questions)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def generated_rouge(self) -> dict[str, float]:
+        if not self.eval_questions:
+            return {}
+        generate = self.answerer_factory(self.model)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            predictions = generate(self.eval_questions, self.eval_contexts)
+        finally:
+            if was_training:
+                self.model.train()
+        return rouge(predictions, self.eval_references)
+
+
+def write_loss_curve(log_history: list[dict], out: Path) -> None:
+    rows = [{"step": h["step"], "loss": h.get("loss"), "eval_rougeL": h.get("eval_rougeL")} for h in log_history if "loss" in h or "eval_rougeL" in h]
+    with (out / "loss.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "eval_rougeL"])
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [(r["step"], r["loss"]) for r in rows if r["loss"] is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    evals = [(r["step"], r["eval_rougeL"]) for r in rows if r["eval_rougeL"] is not None]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals), "o-", color="tab:orange", label="validation ROUGE-L")
+        ax2.set_ylabel("ROUGE-L (generated)")
+    ax.set_title("fine-tuning")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def training_arguments(recipe, out: Path, n_train: int, eval_enabled: bool) -> TrainingArguments:
+    cuda = torch.cuda.is_available()
+    mp = recipe.mixed_precision
+    if mp == "auto":
+        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if not cuda:
+        mp = "no"
+    steps_per_epoch = max(1, -(-n_train // (recipe.batch_size * recipe.grad_accum)))
+    total = recipe.max_steps if recipe.max_steps > 0 else int(steps_per_epoch * recipe.epochs)
+    warmup = recipe.warmup_steps or int(recipe.warmup_ratio * total)
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        learning_rate=recipe.lr,
+        weight_decay=recipe.weight_decay,
+        warmup_steps=warmup,
+        lr_scheduler_type=recipe.scheduler,
+        optim=recipe.optim,
+        per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accum,
+        train_sampling_strategy="group_by_length",
+        eval_strategy="steps" if eval_enabled else "no",
+        eval_steps=recipe.eval_every,
+        save_strategy="steps",
+        save_steps=recipe.eval_every,
+        save_total_limit=2,
+        load_best_model_at_end=eval_enabled,
+        metric_for_best_model=f"eval_{recipe.best_metric}" if eval_enabled else None,
+        greater_is_better=True,
+        logging_steps=max(1, min(10, total // 20 or 1)),
+        seed=recipe.seed,
+        fp16=mp == "fp16",
+        bf16=mp == "bf16",
+        use_cpu=not cuda,
+        report_to=[],
+        remove_unused_columns=False,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def make_collator(tokenizer, model):
+    """Dynamic padding to the longest sequence in each batch (labels padded with -100)."""
+    pad_tok = copy.copy(tokenizer)
+    pad_tok.padding_side = "right"
+    return DataCollatorForSeq2Seq(pad_tok, model=None, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+
+
+def last_checkpoint(out: Path) -> str | None:
+    ck = out / "checkpoints"
+    return get_last_checkpoint(str(ck)) if ck.is_dir() else None
+
+
+def save_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def elapsed(t0: float) -> float:
+    return round(time.perf_counter() - t0, 1)
+
+
+def require_rows(rows: list, what: str) -> None:
+    if not rows:
+        raise UserError(f"no {what} examples: check --data and the split fractions")

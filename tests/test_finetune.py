@@ -1,0 +1,158 @@
+"""Every recipe's family trains a few steps on a tiny model, saves, registers, reloads and answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aimlqa.settings import UserError
+from finetune.recipe import load_recipe
+from tests.tiny import FAMILIES
+
+RECIPE_OF = {"gpt2": "gpt2-lora", "bart": "bart-large-xsum", "mistral": "gpt2-lora", "llama": "gpt2-lora", "gemma3": "gemma-270m-lora"}
+FAST = ["epochs=1", "max_steps=3", "batch_size=2", "grad_accum=1", "eval_every=2", "eval_samples=2", "max_new_tokens=4", "max_length=96"]
+
+
+def qa_rows(tmp_path, n=24):
+    import json
+
+    path = tmp_path / "qa.jsonl"
+    topics = ["dropout", "gradient descent", "convolution", "pooling", "attention", "overfitting"]
+    path.write_text("".join(json.dumps({"question": f"What is {t} number {i}?", "answer": f"{t.capitalize()} is a course topic {i}."}) + "\n" for i in range(n) for t in topics[:1]))
+    return path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recipe_trains_saves_registers_and_answers(family, tiny_models, tmp_path, aimlqa_home):
+    from finetune.run import finetune
+    from rag.answer import Answerer
+    from rag.registry import get_spec, register
+
+    register(f"tiny-{family}", family=family, base=str(tiny_models[family]), context_window=256, max_new_tokens=8)
+    targets = {"gpt2": "[c_attn]", "mistral": "[q_proj,v_proj]", "llama": "[q_proj,v_proj]", "gemma3": "[q_proj,v_proj]"}
+    extra = [f"lora.target_modules={targets[family]}"] if family in targets else []
+    recipe = load_recipe(RECIPE_OF[family], FAST + extra + [f"model=tiny-{family}"])
+    before = {k: v.clone() for k, v in Answerer(get_spec(f"tiny-{family}")).generator.model.state_dict().items()}
+    m = finetune(recipe, [qa_rows(tmp_path)], tmp_path / "out", name=f"tuned-{family}", progress=False)
+    assert m["steps"] == 3 and m["answer_tokens"] < m["train_tokens"]
+    assert set(m["final_metrics"]) >= {"eval_rouge1", "eval_rougeL"} and m["split_hashes"]["train"]
+    assert (tmp_path / "out" / "loss.csv").read_text().startswith("step,loss") and (tmp_path / "out" / "loss.png").is_file()
+    spec = get_spec(f"tuned-{family}")
+    answerer = Answerer(spec)
+    after = answerer.generator.model
+    if recipe.method == "full":
+        assert spec.adapter is None and any(not torch.equal(before[k], v) for k, v in after.state_dict().items() if k in before)
+    else:
+        assert spec.adapter and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert answerer.answer("What is dropout number 3?", rag=False).completion_tokens >= 0
+
+
+def test_answer_only_loss_ignores_prompt_tokens(tiny_models):
+    """Changing prompt labels must not move the loss; changing answer labels must, and it equals the
+    full-logits loss restricted to the answer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.trainer import answer_only_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).eval()
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 2]])
+    labels = torch.tensor([[-100, -100, -100, -100, 13, 14, 15, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        ours = answer_only_loss(model, batch)
+        reference = model(input_ids=ids, labels=labels).loss
+        changed_prompt = answer_only_loss(model, {**batch, "input_ids": torch.tensor([[1, 10, 11, 12, 13, 14, 15, 2]])})
+        other = answer_only_loss(model, {**batch, "labels": torch.tensor([[-100, -100, -100, -100, 20, 21, 22, 2]])})
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(ours, changed_prompt) and not torch.allclose(ours, other)
+
+
+def test_tokenize_masks_prompt_for_causal_and_not_for_seq2seq(tiny_models):
+    from transformers import AutoTokenizer
+
+    from finetune.data import tokenize
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    row = tokenize([("Question: What is AI?\nAnswer:", " Machines.")], tok, 64, seq2seq=False)[0]
+    n_prompt = len(tok("Question: What is AI?\nAnswer:")["input_ids"])
+    assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][-1] == tok.eos_token_id
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    s2s = tokenize([("question: What is AI?", "Machines.")], AutoTokenizer.from_pretrained(tiny_models["bart"]), 64, seq2seq=True)[0]
+    assert -100 not in s2s["labels"]
+
+
+def test_raft_contexts_train_split_only_and_drop_oracle(tmp_path, embedder, course_dir):
+    from finetune.data import build_train_index, contexts_for
+    from index.qa import QARecord, split_records
+
+    recs = [QARecord(f"What is topic {w}?", f"Topic {w} is about {w} things.") for w in "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon".split()]
+    splits = split_records(recs)
+    train, held = splits["train"], splits["validation"] + splits["test"]
+    retriever = build_train_index(train, tmp_path / "ti", [course_dir], embedder=embedder, progress=False)
+    indexed = {c.text for c in retriever.chunks}
+    assert all(f"Answer: {r.answer}" not in "\n".join(indexed) for r in held)  # the leakage guard
+    assert all(any(f"Answer: {r.answer}" in t for t in indexed) for r in train)
+    keep = contexts_for(train, retriever, 2, drop_oracle=0.0, seed=1)
+    drop = contexts_for(train, retriever, 2, drop_oracle=1.0, seed=1)
+    assert sum(any(r.answer in p for p in c) for r, c in zip(train, keep)) >= len(train) - 1
+    assert all(not any(r.answer in p for p in c) for r, c in zip(train, drop)) and all(len(c) == 2 for c in drop)
+
+
+def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monkeypatch):
+    import os
+    import signal
+
+    from finetune import run as run_mod
+    from finetune.run import finetune
+    from finetune.trainer import StopOnSignal, last_checkpoint
+    from rag.registry import register
+
+    register("tiny-gpt2", family="gpt2", base=str(tiny_models["gpt2"]), context_window=256)
+    recipe = load_recipe("gpt2-lora", FAST + ["model=tiny-gpt2", "lora.target_modules=[c_attn]", "max_steps=4", "eval_every=2"])
+    out, data = tmp_path / "out", [qa_rows(tmp_path)]
+    original_step_end = StopOnSignal.on_step_end
+
+    def ctrl_c_at_step_two(self, args, state, control, **kwargs):
+        if state.global_step == 2 and not self.stop:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, caught by the installed handler
+        return original_step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", ctrl_c_at_step_two)
+    stopped = finetune(recipe, data, out, name="r", progress=False)
+    assert stopped["stopped"] and stopped["step"] == 2
+    assert last_checkpoint(out).endswith("checkpoint-2") and not (out / "adapter").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(StopOnSignal, "on_step_end", original_step_end)
+    seen = {}
+    original_train = run_mod.QATrainer.train
+
+    def spy(self, resume_from_checkpoint=None, **kw):
+        seen["resume"] = resume_from_checkpoint
+        return original_train(self, resume_from_checkpoint=resume_from_checkpoint, **kw)
+
+    monkeypatch.setattr(run_mod.QATrainer, "train", spy)
+    resumed = finetune(recipe, data, out, name="r", progress=False)
+    assert seen["resume"].endswith("checkpoint-2") and resumed["steps"] == 4 and (out / "adapter").is_dir()
+
+
+def test_qlora_refused_without_cuda(monkeypatch, tmp_path, aimlqa_home):
+    # No GPU here: what can run is the up-front refusal (the 4-bit path itself needs CUDA).
+    from finetune.run import finetune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("mistral-7b-qlora", "llama-3.1-8b-qlora"):
+        with pytest.raises(UserError, match="needs a CUDA GPU.*gemma-270m-lora"):
+            finetune(load_recipe(name), [qa_rows(tmp_path)], tmp_path / name)
+        assert not (tmp_path / name).exists()
+
+
+def test_recipe_overrides_and_errors():
+    r = load_recipe("gemma-270m-lora", ["lr=1e-4", "lora.r=4", "context=rag"])
+    assert r.lr == 1e-4 and r.lora.r == 4 and r.context == "rag" and r.model == "gemma-270m"
+    with pytest.raises(UserError, match="unknown recipe"):
+        load_recipe("t5-lora")
+    with pytest.raises(UserError, match="key=value"):
+        load_recipe("gpt2-lora", ["lr"])
+    with pytest.raises(UserError, match="context"):
+        load_recipe("gpt2-lora", ["context=maybe"])
