@@ -8,14 +8,21 @@ _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?(?=\s|$)")
 _SENTENCES = re.compile(r"[^.!?]+[.!?]+[\"')\]]?|[^.!?]+$")
 
 
-def remove_loops(text: str) -> str:
-    """Drop a sentence that repeats an earlier one verbatim, and a phrase repeated back to back."""
-    seen, kept = set(), []
+def _ngrams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def remove_loops(text: str, overlap: float = 0.6) -> str:
+    """Drop a sentence that mostly repeats earlier ones (>= 60% of its word 4-grams already said,
+    which catches "X is a Y. It is a Y." loops), and a phrase repeated back to back."""
+    seen: set[tuple[str, ...]] = set()
+    kept = []
     for sent in _SENTENCES.findall(text):
-        key = " ".join(sent.lower().split())
-        if key and key in seen:
+        words = re.findall(r"\w+", sent.lower())
+        grams = _ngrams(words) or {tuple(words)}
+        if words and len(grams & seen) >= overlap * len(grams):
             continue
-        seen.add(key)
+        seen |= grams
         kept.append(sent)
     text = "".join(kept)
     # "the model the model the model" → "the model": a run of 3+ words repeated back to back

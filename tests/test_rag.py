@@ -37,6 +37,9 @@ def test_training_and_serving_share_the_template():
 def test_postprocess():
     assert remove_loops("A is B. A is B. C is D.") == "A is B. C is D."
     assert remove_loops("the model the model the model works") == "the model works"
+    looped = "The scaling factor is a measure of how much the softmax learns. It is a measure of how much the softmax learns."
+    assert remove_loops(looped) == "The scaling factor is a measure of how much the softmax learns."
+    assert remove_loops("Bagging trains models in parallel. Boosting trains models in sequence.").count(".") == 2
     assert last_complete_sentence("One. Two is cut mid") == "One."
     assert last_complete_sentence("no sentence end") == "no sentence end"
     assert clean_answer("  X is Y. X is Y. Z", truncated=True) == "X is Y."
