@@ -29,6 +29,13 @@ from rag.prompts import template_for
 from rag.registry import get_spec, register
 
 
+def best_eval(state) -> dict:
+    """The logged validation metrics of the kept (best) checkpoint: no second round of generation."""
+    evals = [h for h in state.log_history if "eval_rougeL" in h]
+    best = [h for h in evals if h.get("step") == state.best_global_step]
+    return (best or evals[-1:] or [{}])[0]
+
+
 def model_name(recipe) -> str:
     return recipe.name + ("-rag" if recipe.context == "rag" else "")
 
@@ -104,7 +111,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
     if stopper.stop:
         return {"stopped": True, "step": trainer.state.global_step, "checkpoint": last_checkpoint(out), "out": str(out)}
 
-    final = trainer.evaluate() if val else {}
+    final = best_eval(trainer.state) if val else {}
     artifact = out / ("adapter" if recipe.method != "full" else "model")
     tmp = out / f".{artifact.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
