@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,6 +102,11 @@ class Retriever:
         return [[self._passage(i, s) for i, s in hits] for hits in ranked]
 
     def _dense(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
+        import faiss
+
+        # A few queries gain nothing from OpenMP threads, and their spin-waits beside torch's own
+        # threads cost hundreds of milliseconds on a busy machine: search them on one thread.
+        faiss.omp_set_num_threads(1 if len(queries) < 16 else max(1, os.cpu_count() or 1))
         scores, ids = self.faiss_index.search(self.embedder.encode(queries), k)
         return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
 
