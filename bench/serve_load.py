@@ -1,0 +1,230 @@
+"""Load test of the REST service on loopback: closed-loop clients, a fixed number of requests per level.
+
+1. `retrieval-only` at 1, 4, 16 and 64 clients: the server's own overhead (HTTP, validation,
+   batching, retrieval), no generation.
+2. The embedded model (gemma-270m, max_new_tokens 32), grounded (retrieval on, the default) and
+   plain (off), at 1 and 8 clients (full run: 1, 4, 8, 16): throughput at 8 clients as a ratio
+   to 1 (target >= 4x with dynamic batching). Decoding batches well (it reads the weights once
+   per step for the whole batch); prefill of a grounded ~400-token prompt is compute-bound on a
+   CPU and does not, so the grounded ratio is the lower one.
+
+Each part starts its own server with `aimlqa serve` in a subprocess on a free loopback port, over
+an index built from data/course (kept under $AIMLQA_HOME/indexes/bench-course and rebuilt only
+when the notes change). Levels below the queue bound must see zero 5xx. Writes
+bench/results/serve_load.json and prints a summary.
+
+    python bench/serve_load.py [--quick] [--requests N] [--embedded-requests N] [--no-embedded]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+from common import percentiles, write  # noqa: E402  (sets sys.path)
+
+import httpx
+
+from aimlqa import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+QUEUE_SIZE = 256  # above the largest level, so every level is "below the queue bound"
+FALLBACK_QUESTIONS = ["What is gradient descent?", "How does dropout reduce overfitting?", "What is a convolution kernel?",
+                      "What is the difference between bagging and boosting?", "What does a support vector machine maximise?"]
+
+
+def questions(n: int = 200) -> list[str]:
+    """The project's own course questions, so retrieval and prompt lengths vary as in real use."""
+    path = settings.qa_file()
+    if not path.is_file():
+        return FALLBACK_QUESTIONS
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r["question"] for r in rows[:n]] or FALLBACK_QUESTIONS
+
+
+def bench_index() -> Path:
+    from index.retriever import build_index
+
+    out = settings.home() / "indexes" / "bench-course"
+    manifest, built = build_index([settings.course_dir()], out, progress=False)
+    print(f"index {out}: {manifest['n_chunks']} chunks ({'built' if built else 'unchanged'})", flush=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(model: str, index: Path, max_batch_size: int, log_dir: Path):
+    """`aimlqa serve` in a subprocess on loopback; yields its URL once /readyz says ready."""
+    port = free_port()
+    log = (log_dir / f"{model}.log").open("w")
+    cmd = [sys.executable, "-m", "aimlqa", "serve", "--model", model, "--index", str(index), "--host", "127.0.0.1", "--port", str(port),
+           "--max-batch-size", str(max_batch_size), "--queue-size", str(QUEUE_SIZE), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"AIMLQA_API_KEYS": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600  # the first start of gemma-270m converts the GGUF (about a minute)
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited ({proc.returncode}):\n{(log_dir / f'{model}.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise SystemExit("the server did not become ready in 10 minutes")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def batch_stats(url: str, model: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for s in family.samples:
+            if s.name in ("aimlqa_batch_size_sum", "aimlqa_batch_size_count") and s.labels.get("model") == model:
+                values[s.name] = s.value
+    return values.get("aimlqa_batch_size_sum", 0.0), values.get("aimlqa_batch_size_count", 0.0)
+
+
+async def closed_loop(url: str, body: dict, qs: list[str], clients: int, requests: int) -> dict:
+    """`clients` workers, each sending its next request as soon as the last one is answered."""
+    latencies, statuses, tickets = [], Counter(), iter(range(requests))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def worker():
+            for i in tickets:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/v1/answer", json=body | {"question": qs[i % len(qs)]})
+                    statuses[r.status_code] += 1
+                except httpx.HTTPError as e:
+                    statuses[type(e).__name__] += 1
+                    continue
+                if r.status_code == 200:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    errors = {str(k): v for k, v in statuses.items() if k != 200}
+    return {
+        "clients": clients,
+        "requests": requests,
+        "ok": statuses[200],
+        "errors": errors,
+        "server_errors_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
+        "seconds": round(wall, 3),
+        "answers_per_s": round(statuses[200] / wall, 4),
+        **(percentiles(latencies) if latencies else {}),
+    }
+
+
+def run_levels(url: str, model: str, body: dict, levels: list[int], requests: int, qs: list[str]) -> list[dict]:
+    out = []
+    asyncio.run(closed_loop(url, body, qs, 2, 2))  # warm-up: first-call costs, connections
+    for clients in levels:
+        before = batch_stats(url, model)
+        result = asyncio.run(closed_loop(url, body, qs, clients, requests))
+        after = batch_stats(url, model)
+        batches = after[1] - before[1]
+        result["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
+        out.append(result)
+        print(f"  {model:15} {clients:3} clients: {result['answers_per_s']:8.2f} answers/s  p50 {result.get('p50_ms', 0):8.1f}  "
+              f"p95 {result.get('p95_ms', 0):8.1f}  p99 {result.get('p99_ms', 0):8.1f} ms  batch {result['mean_batch_size']}  errors {result['errors'] or 0}",
+              flush=True)
+    return out
+
+
+def in_process_ms(index: Path, qs: list[str], n: int = 30) -> dict:
+    """The same retrieval-only answers without the server, one at a time: the floor the server adds to."""
+    from index.retriever import Retriever
+    from rag.answer import Answerer
+    from rag.registry import get_spec
+
+    answerer = Answerer(get_spec("retrieval-only"), Retriever.load(index))
+    answerer.answer(qs[0], k=3)
+    samples = []
+    for q in (qs * (n // len(qs) + 1))[:n]:
+        t0 = time.perf_counter()
+        answerer.answer(q, k=3)
+        samples.append((time.perf_counter() - t0) * 1000)
+    return percentiles(samples)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("fastapi", "starlette", "uvicorn", "httpx", "pydantic")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer requests; embedded model at 1 and 8 clients only")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level for retrieval-only (default 400, quick 200)")
+    ap.add_argument("--embedded-requests", type=int, default=None, help="requests per level for the embedded model (default 32, quick 16)")
+    ap.add_argument("--no-embedded", action="store_true", help="only the retrieval-only part")
+    ap.add_argument("--embedded-variants", default="grounded,plain", help="grounded (retrieval on, ~400-token prompts) and/or plain (off)")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    args = ap.parse_args()
+    requests = args.requests or (200 if args.quick else 400)
+    embedded_requests = args.embedded_requests or (16 if args.quick else 32)
+    qs = questions()
+    index = bench_index()
+    load_before = os.getloadavg()
+    baseline = in_process_ms(index, qs)
+    print(f"retrieval-only in process, no server: p50 {baseline['p50_ms']:.1f} ms", flush=True)
+    result = {"queue_size": QUEUE_SIZE, "max_batch_size": args.max_batch_size, "server_versions": versions(), "questions": len(qs),
+              "note": "loopback; the load generator shares the machine's cores with the server"}
+    with tempfile.TemporaryDirectory() as logs:
+        print("retrieval-only (the server's own overhead):", flush=True)
+        with server("retrieval-only", index, args.max_batch_size, Path(logs)) as url:
+            levels = run_levels(url, "retrieval-only", {"model": "retrieval-only", "top_k": 3}, [1, 4, 16, 64], requests, qs)
+        result["retrieval_only"] = {"requests_per_level": requests, "levels": levels, "in_process_no_server": baseline,
+                                    "server_overhead_p50_ms_at_1_client": round(levels[0].get("p50_ms", 0) - baseline["p50_ms"], 2)}
+        if not args.no_embedded:
+            result["embedded"] = {"model": "gemma-270m", "max_new_tokens": 32, "requests_per_level": embedded_requests, "target_ratio_8_to_1": 4.0}
+            with server("gemma-270m", index, args.max_batch_size, Path(logs)) as url:
+                for variant in args.embedded_variants.split(","):
+                    print(f"gemma-270m, {variant} (max_new_tokens 32):", flush=True)
+                    body = {"model": "gemma-270m", "rag": variant == "grounded", "top_k": 3, "max_new_tokens": 32}
+                    levels = run_levels(url, "gemma-270m", body, [1, 8] if args.quick else [1, 4, 8, 16], embedded_requests, qs)
+                    by = {lv["clients"]: lv["ok"] / lv["seconds"] for lv in levels}
+                    result["embedded"][variant] = {"levels": levels, "throughput_ratio_8_to_1": round(by[8] / by[1], 2) if by.get(1) else None}
+    all_levels = result["retrieval_only"]["levels"] + [lv for v in result.get("embedded", {}).values() if isinstance(v, dict) for lv in v["levels"]]
+    result["zero_5xx_below_queue_bound"] = all(lv["server_errors_5xx"] == 0 for lv in all_levels if lv["clients"] <= QUEUE_SIZE)
+    result["load_average_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
+    write("serve_load", result)
+    for variant, v in result.get("embedded", {}).items():
+        if isinstance(v, dict):
+            print(f"gemma-270m {variant}: throughput at 8 clients / 1 client = {v['throughput_ratio_8_to_1']}x (target >= 4x)")
+    print(f"zero 5xx below the queue bound: {result['zero_5xx_below_queue_bound']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""The evaluator: ROUGE through `evaluate`, retrieval and grounding metrics, bootstrap intervals,
+and the ablation runner that measures what retrieval and fine-tuning each add."""

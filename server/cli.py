@@ -1,0 +1,68 @@
+"""`aimlqa serve`: the REST service on registered models and an index."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def serve(
+    model: list[str] = typer.Option(["gemma-270m"], "--model", "-m", help="A registered model to serve (repeat for several; the first is the default)"),
+    index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course); without one, answers are not grounded"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+    port: int = typer.Option(8000, help="Port to listen on"),
+    mode: str = typer.Option("dense", help="Retrieval: dense | bm25 | hybrid"),
+    max_batch_size: int = typer.Option(8, min=1, max=256, help="Questions per generate call"),
+    max_wait_ms: float = typer.Option(10.0, min=0, help="How long a request waits for others to batch with"),
+    queue_size: int = typer.Option(256, min=1, help="Requests waiting per model before 503 + Retry-After"),
+    request_timeout: float = typer.Option(120.0, min=0.1, help="Seconds a request may take, queueing included, before 504"),
+    max_question_tokens: int = typer.Option(512, min=1, help="Longest question, in the model's tokens"),
+    log_level: str = typer.Option("info", help="debug | info | warning | error"),
+):
+    """Serve answers over REST (and an OpenAI-compatible endpoint, and a web page). API keys: AIMLQA_API_KEYS=k1,k2."""
+    import uvicorn
+
+    from aimlqa import settings
+    from aimlqa.settings import UserError
+    from rag.registry import get_spec
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    specs = [get_spec(name) for name in dict.fromkeys(model)]  # unknown names fail here, before anything loads
+    needs_index = index is not None or any(s.backend == "retrieval" for s in specs)
+    index_dir = index or settings.default_index_dir()
+    if needs_index and not (index_dir / "manifest.json").is_file():
+        raise UserError(f"no index at {index_dir}; build one with `make index` or `aimlqa index build`")
+    if not needs_index and not (index_dir / "manifest.json").is_file():
+        logging.getLogger("aimlqa.server").warning("no index at %s: answers will not be grounded", index_dir)
+
+    def load() -> dict:
+        from rag.answer import Answerer
+        from rag.cli import open_retriever
+
+        retriever = open_retriever(index, required=needs_index)
+        return {s.name: Answerer(s, retriever, mode=mode) for s in specs}
+
+    failure: list[str] = []
+    config = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
+                          request_timeout_s=request_timeout, max_question_tokens=max_question_tokens, default_model=specs[0].name)
+
+    def stop_on_load_error(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    app = create_app(loader=load, config=config, on_load_error=stop_on_load_error)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    keys = "on" if config.api_keys else "off"
+    typer.echo(f"serving {', '.join(s.name for s in specs)} on http://{host}:{port} (API keys {keys}); loading models…", err=True)
+    server.run()
+    if failure:
+        raise UserError(f"the models failed to load: {failure[0]}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

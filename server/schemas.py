@@ -1,0 +1,210 @@
+"""Request and response bodies. Their constraints are the first line of validation and are
+published in `/openapi.json`; limits that depend on a model (tokens) are checked by the service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.config import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K
+
+
+
+def model_field():
+    return Field(None, max_length=200, description="A served model (see GET /v1/models); default: the server's default model")
+
+
+def check_question(question: str) -> str:
+    """Non-blank Unicode text: a lone surrogate would break the tokenizer deep inside generation."""
+    if not question.strip():
+        raise ValueError("question is empty; ask something")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("question is not valid Unicode text") from None
+    return question
+
+
+MIN_TEMPERATURE = 0.01
+
+
+def check_temperature(t: float | None) -> float | None:
+    """0 is greedy; a positive value so small that float32 makes it 0 would divide logits by zero."""
+    if t is not None and 0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return t
+
+
+class _Question(BaseModel):
+    question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
+
+    @field_validator("question")
+    @classmethod
+    def question_is_text(cls, question: str) -> str:
+        return check_question(question)
+
+
+class AnswerRequest(_Question):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+    model: str | None = model_field()
+    rag: bool = Field(True, description="Ground the answer in passages retrieved from the course index")
+    top_k: int = Field(3, ge=1, le=MAX_TOP_K, description="Passages to retrieve")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Generation limit; default: the model's")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy, else 0.01..2; default: the model's")
+
+    _temperature = field_validator("temperature")(check_temperature)
+
+
+class SeedRequest(_Question):
+    """The seed's `GET /` body; `model_name` must name a served model (never a hub id or a path)."""
+
+    model_name: str | None = model_field()
+
+
+class SourceOut(BaseModel):
+    text: str
+    source: str
+    section: str
+    score: float
+
+    @classmethod
+    def of(cls, source) -> "SourceOut":
+        """From a `rag.answer.Source`."""
+        return cls(text=source.text, source=source.source, section=source.section, score=source.score)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(BaseModel):
+    retrieve_ms: float
+    generate_ms: float
+    queue_ms: float = Field(description="Time waiting for a batch slot")
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    sources: list[SourceOut]
+    model: str
+    rag: bool = Field(description="Whether retrieved passages grounded this answer")
+    usage: Usage
+    timings: Timings
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "aimlqa"
+    family: str
+    backend: str
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- OpenAI-compatible chat completions -------------------------------------------------
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(p.text for p in self.content if p.type == "text" and p.text)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's request; other OpenAI fields are accepted and ignored. The question is the last
+    user message (earlier turns are not used). `rag` and `top_k` are this server's extensions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = model_field()
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy, else 0.01..2")
+    n: int = Field(1, ge=1, le=1, description="Only one choice is generated")
+    rag: bool = Field(True, description="aimlqa extension: false answers without retrieval (send it in `extra_body`)")
+    top_k: int = Field(3, ge=1, le=MAX_TOP_K, description="aimlqa extension: passages to retrieve")
+
+    _temperature = field_validator("temperature")(check_temperature)
+
+    @model_validator(mode="after")
+    def _has_question(self) -> "ChatRequest":
+        question = self.question()
+        if not question.strip():
+            raise ValueError("messages need a user message with text; the last one is the question")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
+        check_question(question)
+        return self
+
+    def question(self) -> str:
+        users = [m for m in self.messages if m.role == "user"]
+        return users[-1].text() if users else ""
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatResponseMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    sources: list[SourceOut] = Field(description="aimlqa extension: the passages that grounded the answer")

@@ -1,0 +1,191 @@
+"""The service behind the routes: the served Answerers, one Batcher each, and the request limits.
+
+Routes stay thin: they translate bodies; this decides which model answers, whether a request
+fits, and turns queueing, time-outs and failures into one clear `ApiError` each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+from aimlqa.settings import UserError
+from server.batching import Batcher, QueueFull, Stopped
+from server.config import ServerConfig
+from server.errors import ApiError
+from server.metrics import Metrics
+
+log = logging.getLogger("aimlqa.server")
+
+Loader = Callable[[], dict]  # -> {name: Answerer}, run in a thread at start-up
+
+
+class BatchKey(NamedTuple):
+    """Requests with equal keys can share one generate call."""
+
+    rag: bool
+    k: int
+    max_new_tokens: int | None
+    temperature: float | None
+
+
+@dataclass
+class Result:
+    answer: object  # rag.answer.Answer
+    queue_ms: float
+    finish_reason: str  # stop | length
+
+
+class Service:
+    def __init__(self, config: ServerConfig, metrics: Metrics, answerers: dict | None = None, loader: Loader | None = None,
+                 on_load_error: Callable[[str], None] | None = None):
+        if (answerers is None) == (loader is None):
+            raise ValueError("give either answerers or a loader")
+        self.config = config
+        self.metrics = metrics
+        self._given = answerers
+        self._loader = loader
+        self._on_load_error = on_load_error
+        self.answerers: dict = {}
+        self.batchers: dict[str, Batcher] = {}
+        self.state = "loading"  # loading | ready | failed
+        self.load_error = ""
+        self._load_task: asyncio.Task | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind to the running event loop; a service runs on one loop at a time."""
+        if self.batchers or self._load_task:
+            raise RuntimeError("this app is already running; create one app per server")
+        if self._given is not None:
+            self._install(self._given)
+        else:
+            self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            self._install(await asyncio.to_thread(self._loader))
+        except Exception as exc:
+            self.state = "failed"
+            self.load_error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            log.error("loading the models failed: %s", self.load_error, exc_info=not isinstance(exc, UserError))
+            if self._on_load_error:
+                self._on_load_error(self.load_error)
+            return
+        log.info("ready: %s", ", ".join(self.answerers))
+
+    def _install(self, answerers: dict) -> None:
+        if not answerers:
+            raise ValueError("serve at least one model")
+        for name, answerer in answerers.items():
+            batcher = Batcher(
+                lambda questions, key, a=answerer: self._work(a, questions, key),
+                max_batch_size=self.config.max_batch_size,
+                max_wait_s=self.config.max_wait_ms / 1000,
+                queue_size=self.config.queue_size,
+                on_batch=lambda size, s, n=name: self.metrics.observe_batch(n, size, s),
+                on_depth=self.metrics.queue_depth.labels(name).set,
+            )
+            batcher.start()
+            self.batchers[name] = batcher
+            self.metrics.queue_depth.labels(name).set(0)
+        self.answerers = dict(answerers)
+        self.state = "ready"
+
+    async def stop(self) -> None:
+        if self._load_task:
+            self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        for batcher in self.batchers.values():
+            await batcher.stop()
+        self.batchers, self.answerers, self._load_task, self.state = {}, {}, None, "loading"
+
+    # --- what is served -----------------------------------------------------------------
+
+    @property
+    def default_model(self) -> str:
+        return self.config.default_model if self.config.default_model in self.answerers else next(iter(self.answerers))
+
+    def require_ready(self) -> None:
+        if self.state == "loading":
+            raise ApiError(503, "the models are still loading; retry shortly", "loading", {"Retry-After": "5"})
+        if self.state == "failed":
+            raise ApiError(503, f"the models failed to load: {self.load_error}", "load_failed")
+
+    def resolve(self, name: str | None):
+        """A served model by name: a request can name only these, never a path or a hub id."""
+        self.require_ready()
+        name = name or self.default_model
+        if name not in self.answerers:
+            raise ApiError(404, f"unknown model {name!r}; this server serves: {', '.join(self.answerers)}", "model_not_found")
+        return name, self.answerers[name]
+
+    def index_info(self) -> dict | None:
+        for a in self.answerers.values():
+            if a.retriever is not None:
+                r = a.retriever
+                return {"path": str(r.path), "chunks": len(r.chunks), "embed_model": r.manifest.get("embed_model"), "manifest_hash": r.manifest_hash}
+        return None
+
+    # --- answering ----------------------------------------------------------------------
+
+    async def answer(self, model: str | None, question: str, *, rag: bool, k: int, max_new_tokens: int | None,
+                     temperature: float | None, request_id: str) -> Result:
+        t0 = time.monotonic()
+        name, answerer = self.resolve(model)
+        gen = answerer.generator
+        wanted = max_new_tokens or answerer.spec.max_new_tokens
+        if gen is not None and wanted >= gen.context_window:
+            raise ApiError(400, f"max_new_tokens={wanted} does not fit {name}'s context window of {gen.context_window} tokens", "max_new_tokens")
+        key = BatchKey(rag, k, max_new_tokens, temperature if gen is not None else None)
+        try:
+            job = self.batchers[name].submit(question, key)
+        except QueueFull as full:
+            self.metrics.refused.labels(name, "queue_full").inc()
+            raise ApiError(503, f"{name} has {self.config.queue_size} requests waiting; retry in {full.retry_after} s",
+                           "queue_full", {"Retry-After": str(full.retry_after)}) from None
+        try:
+            answer = await asyncio.wait_for(job.future, self.config.request_timeout_s - (time.monotonic() - t0))
+        except TimeoutError:
+            self.metrics.refused.labels(name, "timeout").inc()
+            raise ApiError(504, f"no answer within the {self.config.request_timeout_s:g} s limit; retry later or lower max_new_tokens",
+                           "timeout") from None
+        except (ApiError, UserError):
+            raise
+        except Stopped:
+            raise ApiError(503, "the server is shutting down", "stopping", {"Retry-After": "5"}) from None
+        except Exception as exc:
+            self.metrics.refused.labels(name, "failed").inc()
+            log.error("request %s: %s failed to answer", request_id, name, exc_info=exc)
+            raise ApiError(500, f"generating the answer failed; quote request id {request_id} when reporting it", "generation_failed") from None
+        self.metrics.observe_tokens(name, answer.prompt_tokens, answer.completion_tokens)
+        limit = max_new_tokens or answerer.spec.max_new_tokens
+        finish = "length" if gen is not None and answer.completion_tokens >= limit else "stop"
+        return Result(answer, round(((job.started or t0) - job.enqueued) * 1000, 2), finish)
+
+    def _work(self, answerer, questions: list[str], key: BatchKey) -> list:
+        """One batch, in the worker thread (tokenizers are not safe to share across threads, so
+        questions are measured here, next to generation): a question that does not fit fails alone."""
+        problems = [self._token_problem(answerer, q, key.max_new_tokens) for q in questions]
+        fits = [q for q, p in zip(questions, problems) if p is None]
+        gen = {} if answerer.generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature}
+        answers = iter(answerer.answer_many(fits, rag=key.rag, k=key.k, **gen) if fits else [])
+        return [ApiError(400, p, "question_too_long") if p else next(answers) for p in problems]
+
+    def _token_problem(self, answerer, question: str, max_new_tokens: int | None) -> str | None:
+        gen = answerer.generator
+        if gen is None:
+            return None
+        n = gen.count_tokens(question)
+        if n > self.config.max_question_tokens:
+            return f"the question is {n} tokens long; the limit is {self.config.max_question_tokens}"
+        new = max_new_tokens or answerer.spec.max_new_tokens
+        prompt = gen.count_tokens(answerer.template.plain.format(question=question.strip()))
+        if prompt + new > gen.context_window:
+            return (f"the question ({prompt} prompt tokens) and max_new_tokens={new} do not fit {answerer.spec.name}'s "
+                    f"context window of {gen.context_window} tokens; shorten the question or lower max_new_tokens")
+        return None
