@@ -111,6 +111,7 @@ def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monk
     recipe = load_recipe("gpt2-lora", FAST + ["model=tiny-gpt2", "lora.target_modules=[c_attn]", "max_steps=4", "eval_every=2"])
     out, data = tmp_path / "out", [qa_rows(tmp_path)]
     original_step_end = StopOnSignal.on_step_end
+    handler_before = signal.getsignal(signal.SIGINT)
 
     def ctrl_c_at_step_two(self, args, state, control, **kwargs):
         if state.global_step == 2 and not self.stop:
@@ -121,7 +122,7 @@ def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monk
     stopped = finetune(recipe, data, out, name="r", progress=False)
     assert stopped["stopped"] and stopped["step"] == 2
     assert last_checkpoint(out).endswith("checkpoint-2") and not (out / "adapter").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the caller's handler is restored
 
     monkeypatch.setattr(StopOnSignal, "on_step_end", original_step_end)
     seen = {}
