@@ -17,7 +17,7 @@ from aimlqa import settings
 from aimlqa.settings import UserError
 from eval import provenance
 from eval.config import AblationConfig
-from eval.data import EvalIndex, EvalSet, load_evalset, prepare_index, question_key
+from eval.data import EvalIndex, EvalSet, load_evalset, prepare_index, question_key, trained_on
 from eval.files import read_jsonl, write_jsonl
 
 CACHE_VERSION = 1
@@ -192,6 +192,11 @@ def prepare(config: AblationConfig, embedder=None, progress: bool = True) -> Pla
                     "(corpus.index_evaluated is set); its grounded scores are not a test of generalisation"
                 )
     infos = {name: provenance.model_info(spec) | ({"merged_for_eval": True} if spec.adapter else {}) for name, spec in specs.items()}
+    for name, info in infos.items():
+        if info.get("finetune"):
+            info["trained_on_evaluated"] = {ds: trained_on(info["finetune"], es) for ds, es in evalsets.items()}
+            notes += [f"LEAKY: `{name}` was fine-tuned on {n} of the {len(evalsets[ds].records)} evaluated questions of `{ds}`; "
+                      "its scores there are not a test of generalisation" for ds, n in info["trained_on_evaluated"].items() if n]
     return Plan(config, specs, infos, evalsets, indexes, retrieve_all(config, evalsets, indexes, cells), cells, notes)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from aimlqa import settings
 from aimlqa.settings import UserError
 from eval.config import AblationConfig, DatasetConfig
-from index.qa import QARecord, load_qa, records_hash, select_split
+from index.qa import QARecord, load_many, load_qa, records_hash, select_split, split_records
 from index.text import normalise_question, sha256_text
 
 
@@ -137,3 +137,14 @@ def find_leaks(chunks, records: list[QARecord]) -> list[str]:
             if r is not None:
                 leaked[r.key] = r.question
     return list(leaked.values())
+
+
+def trained_on(finetune: dict, evalset: EvalSet) -> int:
+    """How many evaluated questions were in a fine-tune's training split, recomputed from the data
+    files and split fractions its manifest records (0 when those files are not here)."""
+    files = [Path(d) for d in finetune.get("data") or [] if Path(d).is_file()]
+    if not files:
+        return 0
+    fractions = tuple(finetune.get("split_fractions") or (0.8, 0.1, 0.1))
+    train = {r.key for r in split_records(load_many(files), fractions)["train"]}
+    return sum(r.key in train for r in evalset.records)

@@ -54,6 +54,7 @@ def model_info(spec) -> dict:
     m = finetune_manifest(spec)
     if m:
         info["finetune"] = {k: m.get(k) for k in ("name", "base", "method", "data", "split_hashes", "steps", "best_metric", "train_index")}
+        info["finetune"]["split_fractions"] = (m.get("recipe") or {}).get("split_fractions")
     info["fine_tuned"] = bool(spec.adapter) or m is not None
     return info
 

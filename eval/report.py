@@ -149,7 +149,8 @@ def _provenance(summary: dict) -> list[str]:
     for name, m in summary["models"].items():
         ft = m.get("finetune") or {}
         adapter = f"{m['adapter']} (sha256 {m.get('adapter_sha256', '?')})" if m.get("adapter") else "–"
-        trained = f"{ft.get('name')}: {ft.get('method')}, {ft.get('steps')} steps, train split {((ft.get('split_hashes') or {}).get('train'))}" if ft else "–"
+        data = ", ".join(Path(d).name for d in ft.get("data") or []) or "?"
+        trained = f"{ft.get('name')}: {ft.get('method')}, {ft.get('steps')} steps on {data} (train split {(ft.get('split_hashes') or {}).get('train')})" if ft else "–"
         rows.append([name, m["family"], m["backend"], m["base"] or "–", adapter, trained])
     lines += _table(["Model", "Family", "Backend", "Base", "Adapter", "Fine-tuning"], rows) + [""]
     lines += _table(["Dataset", "File", "Split", "File hash", "Split hash", "Index", "Index qa_split", "Chunks"], [
@@ -179,6 +180,9 @@ def render_report(summary: dict) -> str:
              f"`summary.csv`, `summary.json`, `{CHART}`.", ""]
     if any(ix["leaky"] for ix in summary["indexes"].values()):
         lines += ["> **LEAKY RUN**: some evaluated answers were indexed on purpose; see the flagged datasets.", ""]
+    trained = [(name, ds, n) for name, m in summary["models"].items() for ds, n in (m.get("trained_on_evaluated") or {}).items() if n]
+    if trained:
+        lines += [f"> **LEAKY**: `{name}` was fine-tuned on {n} of the evaluated questions of `{ds}`; its scores there are not a test of generalisation." for name, ds, n in trained] + [""]
     for name in summary["datasets"]:
         lines += _dataset_section(summary, name)
     lines += [f"![ROUGE-L per model, plain vs grounded]({CHART})", "", "## Notes", ""]

@@ -39,6 +39,14 @@ class Result:
     finish_reason: str  # stop | length
 
 
+def warm_up(answerers: dict) -> None:
+    """One tiny answer per model before saying ready: the first call pays for lazy initialisation
+    (several seconds on a CPU), which should not land on a user's request."""
+    for answerer in answerers.values():
+        gen = {} if answerer.generator is None else {"max_new_tokens": 1}
+        answerer.answer_many(["What is machine learning?"], rag=answerer.retriever is not None, k=1, **gen)
+
+
 class Service:
     def __init__(self, config: ServerConfig, metrics: Metrics, answerers: dict | None = None, loader: Loader | None = None,
                  on_load_error: Callable[[str], None] | None = None):
@@ -68,7 +76,9 @@ class Service:
 
     async def _load(self) -> None:
         try:
-            self._install(await asyncio.to_thread(self._loader))
+            answerers = await asyncio.to_thread(self._loader)
+            await asyncio.to_thread(warm_up, answerers)
+            self._install(answerers)
         except Exception as exc:
             self.state = "failed"
             self.load_error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"

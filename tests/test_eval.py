@@ -300,6 +300,15 @@ def test_leakage_guard(aimlqa_home, tmp_path, ten_qa, course_dir, embedder):
     summary, _ = run_ablation(ok, progress=False, embedder=embedder)
     assert not summary["indexes"]["ten"]["leaky"] and summary["indexes"]["ten"]["n_chunks"] > 4
 
+    # a fine-tune whose training split held evaluated questions is found from its manifest's data and fractions
+    from eval.data import load_evalset, trained_on
+
+    es = load_evalset(cfg.datasets[0], None)
+    assert trained_on({"data": [str(ten_qa)], "split_fractions": [0.8, 0.1, 0.1]}, es) == 0  # the file's own split keeps them out
+    relabelled = tmp_path / "all_train.jsonl"
+    relabelled.write_text(ten_qa.read_text().replace('"split": "test"', '"split": "train"'))
+    assert trained_on({"data": [str(relabelled)]}, es) == 10 and trained_on({"data": ["/nowhere.jsonl"]}, es) == 0
+
     # the check itself: same question or same answer (normalised) in a Q&A chunk; prose does not count
     rec = QARecord("What is dropout?", "Dropout zeroes activations.")
     qa = lambda q, a: Chunk(0, f"Question: {q}\nAnswer: {a}", "x.jsonl", q, "x#0", 0, 0, "qa")

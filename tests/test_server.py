@@ -2,9 +2,10 @@
 batching, the queue bound, time-outs, auth, the official `openai` client, schemathesis, the page
 in headless Chromium, and `aimlqa serve` itself.
 
-Only two things are stand-ins, both around the real tiny model: `Gate` holds generate() until a
-test releases it (so queueing and time-outs are deterministic), and `fail_when` raises from
-generate() (a real CUDA out-of-memory cannot happen here)."""
+Stand-ins, each for what cannot be made to happen here on demand: `Gate` wraps the real tiny
+generator and holds generate() until a test releases it (so queueing and time-outs are
+deterministic); its `fail_when` raises from generate() (a real CUDA out-of-memory cannot happen
+on this CPU); and one test makes /readyz's index lookup raise, to check the catch-all 500."""
 
 from __future__ import annotations
 
