@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/generation.py
 	$(PY) bench/finetune.py
 	$(PY) bench/serve_load.py
+	$(PY) bench/ablation.py --limit 100
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

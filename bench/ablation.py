@@ -30,7 +30,7 @@ def main():
     config = load_config(args.config, limit=args.limit, threads=args.threads, out=str(args.out.resolve()) if args.out else None)
     summary, out = run_ablation(config)
     headline = {
-        ds: {(c["model"] + ("/" + c["setting"])): {"rougeL": c["rougeL"], "rouge1": c["rouge1"]["mean"], "n": c["n"]} for pair in headline_cells(summary, ds) for c in pair if c}
+        ds: {f"{c['model']} / {c['setting']}": {"rouge1": c["rouge1"]["mean"], "rougeL": c["rougeL"], "n": c["n"]} for pair in headline_cells(summary, ds) for c in pair if c}
         for ds in summary["datasets"]
     }
     write("ablation", {"run": summary["run"]["id"], "limit": args.limit, "wall_s": summary["run"]["wall_s"], "report": str(out / "report.md"),

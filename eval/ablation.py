@@ -125,8 +125,10 @@ class Plan:
     retrieval: dict  # (dataset, mode, k) -> per-question retrieval records, in evalset order
     cells: list[Cell]
     notes: list[str]
+    trained_on: dict  # fine-tuned model -> dataset -> evaluated questions in its training split
 
     def fingerprint(self, cell: Cell) -> str:
+        """What determines a cell's predictions (not the question list: a question's answer does not depend on it)."""
         c = self.config
         generation = None if self.specs[cell.model].backend == "retrieval" else (c.max_new_tokens, c.temperature, c.seed)
         index = self.indexes[cell.dataset].manifest_hash if cell.rag else None
@@ -192,12 +194,10 @@ def prepare(config: AblationConfig, embedder=None, progress: bool = True) -> Pla
                     "(corpus.index_evaluated is set); its grounded scores are not a test of generalisation"
                 )
     infos = {name: provenance.model_info(spec) | ({"merged_for_eval": True} if spec.adapter else {}) for name, spec in specs.items()}
-    for name, info in infos.items():
-        if info.get("finetune"):
-            info["trained_on_evaluated"] = {ds: trained_on(info["finetune"], es) for ds, es in evalsets.items()}
-            notes += [f"LEAKY: `{name}` was fine-tuned on {n} of the {len(evalsets[ds].records)} evaluated questions of `{ds}`; "
-                      "its scores there are not a test of generalisation" for ds, n in info["trained_on_evaluated"].items() if n]
-    return Plan(config, specs, infos, evalsets, indexes, retrieve_all(config, evalsets, indexes, cells), cells, notes)
+    trained = {name: {ds: trained_on(info["finetune"], es) for ds, es in evalsets.items()} for name, info in infos.items() if info.get("finetune")}
+    notes += [f"LEAKY: `{name}` was fine-tuned on {n} of the {len(evalsets[ds].records)} evaluated questions of `{ds}`; "
+              "its scores there are not a test of generalisation" for name, per in trained.items() for ds, n in per.items() if n]
+    return Plan(config, specs, infos, evalsets, indexes, retrieve_all(config, evalsets, indexes, cells), cells, notes, trained)
 
 
 def _answer_row(key: str, question: str, a) -> dict:

@@ -211,7 +211,7 @@ def summary_csv(summary: dict) -> str:
                 row |= {f"{vs}_rougeL_delta": c[vs]["delta"], f"{vs}_rougeL_lo": c[vs]["lo"], f"{vs}_rougeL_hi": c[vs]["hi"], f"{vs}_rougeL_p": c[vs]["p"]}
         row |= {k: c[k] for k in ("completion_tokens", "empty", "degenerate", "seconds", "fingerprint", "index_hash")}
         row |= {"seed": summary["run"]["seed"], "dataset_hash": summary["datasets"][c["dataset"]]["file_hash"], "split_hash": summary["datasets"][c["dataset"]]["split_hash"]}
-        rows.append(row)
+        rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields)

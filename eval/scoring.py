@@ -138,7 +138,7 @@ def summarise(plan, rows: dict) -> tuple[dict, list[dict]]:
     summary = {
         "run": {"id": run_id, "name": c.name, "limit": c.limit, "seed": c.seed, "bootstrap": c.bootstrap, "cpus": os.cpu_count(),
                 "config": config, "versions": versions},
-        "models": plan.infos,
+        "models": {name: info | ({"trained_on_evaluated": plan.trained_on[name]} if name in plan.trained_on else {}) for name, info in plan.infos.items()},
         "datasets": datasets,
         "indexes": indexes,
         "cells": list(cells.values()),

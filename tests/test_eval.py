@@ -266,6 +266,10 @@ def test_resume_generates_only_what_is_missing(aimlqa_home, tmp_path, tiny_model
     again, _ = ablation.run_ablation(cfg, progress=False, embedder=embedder)
     assert asked == [] and [c["rougeL"] for c in again["cells"]] == [c["rougeL"] for c in summary["cells"]]
 
+    # a smaller --limit is a subset of what is cached: nothing to generate
+    fewer, _ = ablation.run_ablation(cfg.model_copy(update={"limit": 5}), progress=False, embedder=embedder)
+    assert asked == [] and all(c["n"] == 5 for c in fewer["cells"])
+
     # a changed model (another adapter under the same name) is a new cell, not a cache hit
     from rag.registry import register
 
