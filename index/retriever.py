@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,10 +103,16 @@ class Retriever:
     def _dense(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
         import faiss
 
+        vectors = self.embedder.encode(queries)
         # A few queries gain nothing from OpenMP threads, and their spin-waits beside torch's own
-        # threads cost hundreds of milliseconds on a busy machine: search them on one thread.
-        faiss.omp_set_num_threads(1 if len(queries) < 16 else max(1, os.cpu_count() or 1))
-        scores, ids = self.faiss_index.search(self.embedder.encode(queries), k)
+        # threads cost hundreds of milliseconds on a busy machine: search them on one thread, then
+        # restore the count (the OpenMP runtime is shared with torch, which would stay on one thread).
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1 if len(queries) < 16 else threads)
+        try:
+            scores, ids = self.faiss_index.search(vectors, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
         return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if i >= 0] for row_i, row_s in zip(ids, scores)]
 
     def _bm25(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:

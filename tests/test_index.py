@@ -69,6 +69,14 @@ def test_round_trip_search(retriever, mode):
     assert "dropout" in batch[0][0].section_id and "gradient" in batch[1][0].text.lower() + batch[1][0].section_id
 
 
+def test_search_leaves_torch_threads_alone(retriever):
+    import torch
+
+    before = torch.get_num_threads()
+    retriever.search("dropout", 2)
+    assert torch.get_num_threads() == before
+
+
 def test_search_validates(retriever):
     with pytest.raises(UserError, match="unknown retrieval mode"):
         retriever.search("x", 3, "fuzzy")

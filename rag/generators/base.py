@@ -19,7 +19,8 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        """Temperatures this close to 0 overflow the sampler's softmax; they mean greedy anyway."""
+        return self.temperature < 1e-3
 
 
 @dataclass
