@@ -32,3 +32,16 @@ def default_index_dir() -> Path:
 
 class UserError(Exception):
     """A problem with the user's input: shown as one clear line, never as a traceback."""
+
+
+def read_yaml_mapping(path: Path, expected: str) -> dict:
+    """A YAML file that must hold a mapping; bad YAML or another shape is a UserError naming the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected {expected}")
+    return data

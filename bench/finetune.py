@@ -66,7 +66,7 @@ def child(variant: str, steps: int, batch: int) -> dict:
         # length-grouped: batches of similar length, as the trainer's group_by_length sampler makes them
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         batches = [[rows[i] for i in order[j : j + batch]] for j in range(0, len(order), batch)]
-        collate = make_collator(tok, model)
+        collate = make_collator(tok)
         pick = [batches[(k * 7) % len(batches)] for k in range(steps + 1)]
     else:
         pad = lambda r: r["input_ids"][:256] + [tok.pad_token_id] * (256 - len(r["input_ids"][:256]))

@@ -10,11 +10,10 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aimlqa import settings
-from aimlqa.settings import UserError
+from aimlqa.settings import UserError, read_yaml_mapping
 from eval.metrics import HIT_THRESHOLD
 from index.retriever import MODES
 
@@ -136,12 +135,7 @@ def load_config(path: str | Path, **overrides) -> AblationConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping with models, datasets, ...")
+    data = read_yaml_mapping(path, "a mapping with models, datasets, ...")
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         config = AblationConfig(**data)

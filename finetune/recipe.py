@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aimlqa.settings import UserError
+from aimlqa.settings import UserError, read_yaml_mapping
 
 RECIPES = Path(__file__).with_name("recipes")
 
@@ -67,7 +67,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise UserError(f"unknown recipe {name_or_path!r}; known: {known} (or a path to a YAML recipe)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_mapping(path, "a mapping of recipe fields")
     data.setdefault("name", path.stem)
     for item in overrides:
         if "=" not in item:

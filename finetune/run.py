@@ -78,7 +78,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
     def answerer_factory(m):
         generator = TransformersGenerator(spec, model=m, tokenizer=gen_tokenizer)
 
-        def generate(questions, _contexts):
+        def generate(questions):
             answerer = Answerer(spec, retriever, generator=generator)
             texts = []
             for i in range(0, len(questions), 16):
@@ -95,7 +95,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         eval_dataset=datasets.Dataset.from_list(rows[:1]) if val else None,
-        data_collator=make_collator(tokenizer, model),
+        data_collator=make_collator(tokenizer),
         callbacks=[stopper],
         answerer_factory=answerer_factory,
         eval_questions=[r.question for r in val],

@@ -79,12 +79,11 @@ class StopOnSignal(TrainerCallback):
 class QATrainer(Trainer):
     """Trainer with the answer-only loss and generation-based validation."""
 
-    def __init__(self, *args, answerer_factory=None, eval_questions=(), eval_references=(), eval_contexts=None, **kwargs):
+    def __init__(self, *args, answerer_factory=None, eval_questions=(), eval_references=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.answerer_factory = answerer_factory
         self.eval_questions = list(eval_questions)
         self.eval_references = list(eval_references)
-        self.eval_contexts = eval_contexts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = int(num_items_in_batch) if num_items_in_batch is not None else None
@@ -105,7 +104,7 @@ class QATrainer(Trainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            predictions = generate(self.eval_questions, self.eval_contexts)
+            predictions = generate(self.eval_questions)
         finally:
             if was_training:
                 self.model.train()
@@ -184,7 +183,7 @@ def training_arguments(recipe, out: Path, n_train: int, eval_enabled: bool) -> T
     )
 
 
-def make_collator(tokenizer, model):
+def make_collator(tokenizer):
     """Dynamic padding to the longest sequence in each batch (labels padded with -100)."""
     pad_tok = copy.copy(tokenizer)
     pad_tok.padding_side = "right"

@@ -69,8 +69,6 @@ class Answerer:
         if any(not q or not q.strip() for q in questions):
             raise UserError("a question is empty; ask something")
         use_rag = (rag or self.retrieval_only) and self.retriever is not None and k > 0
-        if (rag or self.retrieval_only) and self.retriever is None and self.retrieval_only:
-            raise UserError("the retrieval-only model needs an index")
         t0 = time.perf_counter()
         hits = self.retriever.search_many(questions, k, mode or self.mode) if use_rag else [[] for _ in questions]
         retrieve_ms = (time.perf_counter() - t0) * 1000

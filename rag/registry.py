@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from aimlqa import settings
-from aimlqa.settings import UserError
+from aimlqa.settings import UserError, read_yaml_mapping
 
 BUILTIN = Path(__file__).with_name("models.yaml")
 SEQ2SEQ_FAMILIES = {"bart"}
@@ -48,13 +48,7 @@ def user_registry_path() -> Path:
 def _read(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of model names to settings")
-    return data
+    return read_yaml_mapping(path, "a mapping of model names to settings")
 
 
 def load_registry() -> dict[str, ModelSpec]:
