@@ -22,7 +22,12 @@ from server.schemas import ChatChoice, ChatCompletion, ChatRequest, ChatResponse
 from server.service import Result
 
 router = APIRouter(tags=["openai"])
-SSE_DOC = {"text/event-stream": {"schema": {"type": "string"}, "description": "with stream: true, chat.completion.chunk events, then [DONE]"}}
+# Before OpenAPI 3.2 a text/event-stream `schema` describes one event: its `data` line holds a
+# JSON chat.completion.chunk, or `[DONE]` at the end.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chat.completion.chunk, or [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}}}
+SSE_DOC = {"text/event-stream": {"schema": SSE_EVENT, "description": "with stream: true, chat.completion.chunk events, then [DONE]"}}
 
 
 def _words(text: str) -> list[str]:
