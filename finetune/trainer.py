@@ -103,8 +103,10 @@ class QATrainer(Trainer):
         generate = self.answerer_factory(self.model)
         was_training = self.model.training
         self.model.eval()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            predictions = generate(self.eval_questions)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=self.args.bf16):
+                predictions = generate(self.eval_questions)
         finally:
             if was_training:
                 self.model.train()
@@ -139,13 +141,23 @@ def write_loss_curve(log_history: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def resolve_precision(requested: str, cuda: bool) -> str:
+    """bf16 autocast where the hardware runs it fast (most GPUs; CPUs with AMX), fp16 on older
+    GPUs, else float32. Weights and optimizer state stay float32 either way."""
+    from rag.generators.hf import cpu_has_fast_bf16
+
+    if requested == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "no"
+    if not cuda and requested == "fp16":
+        return "no"  # fp16 autocast on CPU is slow and loses range; bf16 is the CPU's half type
+    return requested
+
+
 def training_arguments(recipe, out: Path, n_train: int, eval_enabled: bool) -> TrainingArguments:
     cuda = torch.cuda.is_available()
-    mp = recipe.mixed_precision
-    if mp == "auto":
-        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    if not cuda:
-        mp = "no"
+    mp = resolve_precision(recipe.mixed_precision, cuda)
     steps_per_epoch = max(1, -(-n_train // (recipe.batch_size * recipe.grad_accum)))
     total = recipe.max_steps if recipe.max_steps > 0 else int(steps_per_epoch * recipe.epochs)
     warmup = recipe.warmup_steps or int(recipe.warmup_ratio * total)

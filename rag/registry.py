@@ -29,6 +29,7 @@ class ModelSpec(BaseModel):
     backend: Literal["transformers", "vllm", "retrieval"] = "transformers"
     merge_adapter: bool = False
     load_in_4bit: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: see rag.generators.hf.pick_dtype
     context_window: int = Field(1024, ge=64)
     max_new_tokens: int = Field(96, ge=1, le=2048)
     temperature: float = Field(0.0, ge=0.0, le=2.0)

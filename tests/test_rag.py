@@ -94,6 +94,37 @@ def test_generator_stop_sequences_and_limits(tiny_models):
     assert [g.text for g in sampled] == [g.text for g in again]
 
 
+def test_stop_criterion_stops_decoding_at_a_generated_stop_not_one_in_the_prompt(tiny_models):
+    from rag.generators.hf import TransformersGenerator
+
+    gen = TransformersGenerator(tiny_spec("gpt2", tiny_models["gpt2"]))
+    prompt = "Question: What is AI?\nAnswer:"
+    free = gen.generate([prompt], GenerationConfig(max_new_tokens=24))[0]
+    ids = gen.tokenizer(free.text, add_special_tokens=False)["input_ids"]
+    if free.completion_tokens < 24 or len(ids) < 12:
+        pytest.skip("the random tiny model ended early; nothing to cut")
+    stop = gen.tokenizer.decode(ids[4:6])
+    cut = gen.generate([prompt], GenerationConfig(max_new_tokens=24, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.completion_tokens < 24 and free.text.startswith(cut.text)
+    in_prompt = "Question" if "Question" not in free.text else "Answer"
+    if in_prompt not in free.text:  # in the prompt only: decoding runs to the limit as before
+        same = gen.generate([prompt], GenerationConfig(max_new_tokens=24, stop=(in_prompt,)))[0]
+        assert same.completion_tokens == 24 and same.text == free.text
+
+
+def test_registry_dtype_is_honoured_and_training_stays_float32(tiny_models):
+    import torch
+
+    from rag.generators.hf import TransformersGenerator, cpu_has_fast_bf16, pick_dtype
+
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        gen = TransformersGenerator(tiny_spec("llama", tiny_models["llama"], dtype=name))
+        assert gen.model.dtype == dtype
+        assert gen.generate(["Question: What is AI?\nAnswer:"], GenerationConfig(max_new_tokens=4))[0].completion_tokens > 0
+    assert pick_dtype("cpu", trainable=True) == torch.float32
+    assert pick_dtype("cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+
+
 def test_lora_adapter_saved_and_loaded(tiny_models, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model

@@ -63,6 +63,8 @@ def build_tiny(family: str, out: Path) -> Path:
 
 
 def tiny_spec(family: str, path: Path, **fields):
+    """float32 unless asked: the tests compare logits at float32 tolerances, whatever the CPU."""
     from rag.registry import ModelSpec
 
+    fields = {"dtype": "float32"} | fields
     return ModelSpec(name=f"tiny-{family}", family=family, base=str(path), context_window=256, max_new_tokens=12, **fields)
