@@ -39,7 +39,7 @@ def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def child(variant: str, steps: int, batch: int) -> dict:
+def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -54,6 +54,8 @@ def child(variant: str, steps: int, batch: int) -> dict:
     torch.manual_seed(0)
     recipe = load_recipe("gemma-270m-lora")
     spec = get_spec(recipe.model)
+    if precision != "auto":  # auto: frozen base weights in bf16 on AMX CPUs (LoRA weights stay float32)
+        spec = spec.model_copy(update={"dtype": "float32"})
     model, tok, _ = load_for_training(spec, recipe)
     train = select_split(load_qa(GROUP18 / "dev.jsonl"), "train")
     rows = tokenize(examples(train, template_for(spec.family), tok, recipe.max_length), tok, recipe.max_length, False)
@@ -74,8 +76,10 @@ def child(variant: str, steps: int, batch: int) -> dict:
         pick = [batches[(k * 7) % len(batches)] for k in range(steps + 1)]
 
     times, tokens, flops = [], 0, 0.0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast")
     for k, b in enumerate(pick):
         t = time.perf_counter()
+        autocast.__enter__()
         if variant == "ours":
             enc = collate(b)
             loss = answer_only_loss(model, enc)
@@ -89,6 +93,7 @@ def child(variant: str, steps: int, batch: int) -> dict:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
             n_tok = int(mask.sum())
             step_flops = 6 * (n_body + n_head) * ids.numel()
+        autocast.__exit__(None, None, None)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -100,6 +105,8 @@ def child(variant: str, steps: int, batch: int) -> dict:
     steps_per_epoch = -(-len(rows) // batch)
     return {
         "variant": variant,
+        "precision": precision,
+        "base_dtype": str(hf.dtype).removeprefix("torch."),
         "examples": len(rows),
         "batch": batch,
         "steps_measured": len(times),
@@ -116,9 +123,11 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--child", choices=["ours", "seed"])
+    ap.add_argument("--precision", choices=["auto", "fp32", "autocast"], default="auto",
+                    help="auto: the trainer's choice; fp32: float32 weights; autocast: float32 weights under bf16 autocast")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.precision)))
         return
     peak = matmul_flops()
     runs = {}

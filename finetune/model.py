@@ -40,7 +40,7 @@ def load_for_training(spec, recipe):
 
     from rag.generators.hf import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(spec, adapter="", trainable=True)
+    model, tok = load_model_and_tokenizer(spec, adapter="", trainable=recipe.method == "full")
     if recipe.method == "lora":
         model = get_peft_model(model, lora_config(recipe, spec.seq2seq))
     model.train()

@@ -24,8 +24,8 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_dtype(device: str, trainable: bool = False, requested: str = "auto") -> torch.dtype:
     """A registry entry's dtype, or for `auto`: bf16 on GPUs that have it, else fp16; on CPU, bf16
-    for inference where AMX makes it fast, float32 for training (master weights and optimizer
-    state stay exact; training autocasts instead) and everywhere else."""
+    where AMX makes it fast (inference, and frozen base weights under LoRA, whose adapters peft
+    keeps in float32), float32 for weights that are themselves trained and everywhere else."""
     if requested != "auto":
         return getattr(torch, requested)
     if device.startswith("cuda"):
@@ -50,7 +50,8 @@ class StopOnStrings:
 
 
 def load_model_and_tokenizer(spec, device: str | None = None, adapter: str | None = None, merge: bool = False, trainable: bool = False):
-    """The base model (and adapter) a registry entry names, shared by serving and fine-tuning."""
+    """The base model (and adapter) a registry entry names, shared by serving and fine-tuning.
+    `trainable`: the base weights themselves are trained (a full fine-tune)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     device = pick_device(device)
