@@ -54,7 +54,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
     torch.manual_seed(0)
     recipe = load_recipe("gemma-270m-lora")
     spec = get_spec(recipe.model)
-    if precision != "auto":  # auto: frozen base weights in bf16 on AMX CPUs (LoRA weights stay float32)
+    if precision != "auto":  # auto: frozen base weights in bf16 on CPUs with native bf16 (LoRA weights stay float32)
         spec = spec.model_copy(update={"dtype": "float32"})
     model, tok, _ = load_for_training(spec, recipe)
     train = select_split(load_qa(GROUP18 / "dev.jsonl"), "train")
