@@ -30,7 +30,7 @@ def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> flo
     """The machine's matmul FLOP/s in the dtype the frozen base weights train in."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):

@@ -85,7 +85,7 @@ def load_model_and_tokenizer(spec, device: str | None = None, adapter: str | Non
     model.to(device)
     if not trainable:
         model.eval()
-    head = model.get_output_embeddings() if not spec.seq2seq else None
+    head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)
     return model, tokenizer
