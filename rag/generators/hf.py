@@ -128,6 +128,8 @@ class TransformersGenerator:
             kwargs.update(temperature=config.temperature, top_p=config.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.spec.prefill_chunk and not self.spec.seq2seq:
+            kwargs.update(prefill_chunk_size=self.spec.prefill_chunk)
         if config.stop and not self.spec.seq2seq:
             from transformers import StoppingCriteriaList
 
