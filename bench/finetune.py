@@ -4,9 +4,12 @@ ours: dynamic padding, length-grouped batches, loss on answer tokens only, the o
       only to answer positions (finetune.trainer.answer_only_loss).
 seed: every example padded to 256 tokens, loss over the whole sequence through full logits.
 Same data (group18 train split, the recipe's prompts), same model, batch size and optimizer. Each
-variant runs in its own process (for its peak memory); wall time per epoch is the measured mean
-step time times the steps in an epoch. MFU is model FLOPs (6 x parameters x tokens that pass
-through them) over the machine's matmul FLOP/s, measured in the same run.
+variant runs in its own process (for its peak memory). Ours is timed over a whole epoch: its steps
+differ in length, and a few sampled ones misstate the epoch (six picked from the shorter half once
+read 9.8x where the whole epoch reads far less). The seed's steps all cost the same (every example
+padded to 256), so its epoch is the mean of `--steps` steps spread over the epoch times the steps
+in an epoch. MFU is model FLOPs (4 x frozen parameters x tokens that pass through them) over the
+machine's matmul FLOP/s, measured in the same run.
 
     python bench/finetune.py [--steps 6] [--batch 8]
 """
@@ -70,11 +73,11 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         batches = [[rows[i] for i in order[j : j + batch]] for j in range(0, len(order), batch)]
         collate = make_collator(tok)
-        pick = [batches[(k * 7) % len(batches)] for k in range(steps + 1)]
+        pick = [batches[len(batches) // 2]] + batches  # a warm-up step, then the whole epoch
     else:
         pad = lambda r: r["input_ids"][:256] + [tok.pad_token_id] * (256 - len(r["input_ids"][:256]))
         batches = [rows[j : j + batch] for j in range(0, len(rows), batch)]
-        pick = [batches[(k * 7) % len(batches)] for k in range(steps + 1)]
+        pick = [batches[k * (len(batches) - 1) // steps] for k in range(steps + 1)]
 
     # LoRA: the base weights are frozen, so per token 2N forward + 2N for the input gradients (no
     # weight gradients; the adapters' own FLOPs are under 1%); recomputation is not counted
@@ -106,7 +109,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
             tokens += n_tok
             flops += step_flops
     step_s = sum(times) / len(times)
-    steps_per_epoch = -(-len(rows) // batch)
+    steps_per_epoch = len(batches)
     return {
         "variant": variant,
         "precision": precision,
@@ -114,6 +117,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
         "examples": len(rows),
         "batch": batch,
         "steps_measured": len(times),
+        "epoch_measured": len(times) == steps_per_epoch,
         "mean_step_s": round(step_s, 3),
         "epoch_s": round(step_s * steps_per_epoch, 1),
         "tokens_per_s": round(tokens / sum(times), 1),
@@ -124,7 +128,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=6, help="seed steps to time (ours: a whole epoch)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--child", choices=["ours", "seed"])
     ap.add_argument("--precision", choices=["auto", "fp32", "autocast"], default="auto",
