@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from aimlqa.settings import UserError
+from finetune.loss import linear_cross_entropy
 
 
 def answer_only_loss(model, batch, num_items: int | None = None) -> torch.Tensor:
@@ -33,11 +33,8 @@ def answer_only_loss(model, batch, num_items: int | None = None) -> torch.Tensor
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     target = labels[:, 1:]
     mask = target != -100
-    logits = hf.get_output_embeddings()(hidden[:, :-1][mask]).float()
     cap = getattr(hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    loss = F.cross_entropy(logits, target[mask], reduction="sum")
+    loss = linear_cross_entropy(hidden[:, :-1][mask], hf.get_output_embeddings(), target[mask], cap)
     return loss / (num_items if num_items else mask.sum().clamp(min=1))
 
 

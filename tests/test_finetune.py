@@ -67,6 +67,51 @@ def test_answer_only_loss_ignores_prompt_tokens(tiny_models):
     assert torch.allclose(ours, changed_prompt) and not torch.allclose(ours, other)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_frozen_head_cross_entropy_matches_the_plain_one(softcap):
+    """The reused-buffer cross-entropy (several row chunks here) gives F.cross_entropy's loss and
+    input gradient; a trainable head takes the plain path and still gets its own gradient."""
+    from finetune.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    target = torch.randint(0, 300, (23,))
+    ours = linear_cross_entropy(hidden, head, target, softcap, rows=5)
+    (g_ours,) = torch.autograd.grad(2 * ours, hidden)
+    logits = head(hidden)
+    logits = torch.tanh(logits / softcap) * softcap if softcap else logits
+    plain = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    (g_plain,) = torch.autograd.grad(2 * plain, hidden)
+    assert torch.allclose(ours, plain, atol=1e-4) and torch.allclose(g_ours, g_plain, atol=1e-6)
+    low = torch.nn.Linear(16, 300, bias=False).to(torch.bfloat16).requires_grad_(False)  # a bf16 frozen base
+    (g_low,) = torch.autograd.grad(linear_cross_entropy(hidden, low, target, softcap, rows=5), hidden)
+    assert g_low.dtype == hidden.dtype and torch.isfinite(g_low).all()
+    head.weight.requires_grad_(True)
+    linear_cross_entropy(hidden, head, target, softcap, rows=5).backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_answer_only_loss_gradients_match_full_logits_with_a_frozen_head(tiny_models):
+    """Trained as under LoRA (output layer frozen): the same gradients as the full-logits loss."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.trainer import answer_only_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).eval()
+    model.get_output_embeddings().weight.requires_grad_(False)  # tied to the input embeddings
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 2], [0, 0, 1, 16, 17, 18, 19, 2]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, -100, -100, -100, 13, 14, 15, 2], [-100, -100, -100, -100, -100, 18, 19, 2]])
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = answer_only_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    g_ours = torch.autograd.grad(ours, params)
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    g_ref = torch.autograd.grad(reference, params)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_ours, g_ref))
+
+
 def test_tokenize_masks_prompt_for_causal_and_not_for_seq2seq(tiny_models):
     from transformers import AutoTokenizer
 

@@ -1,0 +1,76 @@
+"""Cross-entropy through a frozen output layer, in reused buffers.
+
+Gemma 3's output layer has 262k words: one batch's answer tokens make float32 logits of hundreds
+of MB, and `F.cross_entropy(head(h).float(), y)` allocates the logits, their float copy, their
+log-softmax and two gradients afresh on every step; on a CPU each allocation that size is a new
+mmap that the kernel faults in and zeroes page by page. Here the logits go into two buffers kept
+for the process, are turned in place into their gradient (softmax minus one-hot) and multiplied
+back through the weight: the same float32 arithmetic, no large allocation after the first step,
+and only the hidden states' gradient kept for backward. Valid only for a frozen weight (LoRA),
+whose gradient is never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROWS_BYTES = 256 << 20  # float32 logits per chunk of rows: enough rows that the weight is read rarely
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (name, dtype, device)
+    n = shape[0] * shape[1]
+    if key not in _scratch or _scratch[key].numel() < n:
+        _scratch[key] = torch.empty(n, dtype=dtype, device=device)
+    return _scratch[key][:n].view(shape)
+
+
+class _FrozenLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, softcap, rows):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        grad = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, rows):
+            h, y = hidden[s : s + rows].to(weight.dtype), target[s : s + rows]
+            low = _buffer("low", (len(h), vocab), weight.dtype, h.device)
+            z = _buffer("float", (len(h), vocab), torch.float32, h.device)
+            torch.mm(h, weight.t(), out=low)
+            z.copy_(low)
+            if softcap:
+                squashed = _buffer("squashed", (len(h), vocab), torch.float32, h.device)
+                squashed.copy_(z).div_(softcap).tanh_()
+                z.copy_(squashed).mul_(softcap)
+            picked = z.gather(1, y[:, None])
+            top = z.amax(dim=1, keepdim=True)
+            total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
+            loss += (top + total.log() - picked).sum()
+            z.div_(total)  # softmax
+            z[torch.arange(len(y), device=z.device), y] -= 1
+            if softcap:
+                z.mul_(squashed.square_().neg_().add_(1))
+            low.copy_(z)
+            torch.mm(low, weight, out=grad[s : s + rows])
+        ctx.save_for_backward(grad.to(hidden.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, target: torch.Tensor, softcap: float | None = None,
+                         rows: int | None = None) -> torch.Tensor:
+    """sum(cross_entropy(head(hidden).float() [soft-capped], target)), as F.cross_entropy with
+    reduction='sum' computes it. A head with a trainable weight or a bias takes the plain path."""
+    weight = head.weight
+    if weight.requires_grad or getattr(head, "bias", None) is not None or not torch.is_grad_enabled():
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    rows = rows or max(1, ROWS_BYTES // (4 * weight.shape[0]))
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen here, in place
+        return _FrozenLinearCrossEntropy.apply(hidden.contiguous(), weight, target, softcap, rows)
