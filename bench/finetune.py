@@ -43,12 +43,6 @@ def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> flo
     return 2 * n**3 / best
 
 
-def _native_bf16() -> bool:
-    from rag.generators.hf import cpu_has_fast_bf16
-
-    return cpu_has_fast_bf16()
-
-
 def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict:
     import torch
     import torch.nn.functional as F
@@ -145,7 +139,9 @@ def main():
         return
     # the probe first and ours before the seed: a child that just freed 13 GB leaves the kernel
     # reclaiming memory for a while, which once halved the probe's reading
-    peak = matmul_flops("bfloat16" if _native_bf16() else "float32")
+    from rag.generators.hf import pick_dtype
+
+    peak = matmul_flops(str(pick_dtype("cpu")).removeprefix("torch."))  # the frozen base's dtype
     runs = {}
     for variant in ("ours", "seed"):
         out = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch)],
