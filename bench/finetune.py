@@ -8,8 +8,8 @@ variant runs in its own process (for its peak memory). Ours is timed over a whol
 differ in length, and a few sampled ones misstate the epoch (six picked from the shorter half once
 read 9.8x where the whole epoch reads far less). The seed's steps all cost the same (every example
 padded to 256), so its epoch is the mean of `--steps` steps spread over the epoch times the steps
-in an epoch. MFU is model FLOPs (4 x frozen parameters x tokens that pass through them) over the
-machine's matmul FLOP/s, measured in the same run.
+in an epoch. MFU is model FLOPs (2 x frozen parameters x tokens forward, the same again backward
+for the layers the backward pass reaches) over the machine's matmul FLOP/s, measured in the same run.
 
     python bench/finetune.py [--steps 6] [--batch 8]
 """
@@ -29,6 +29,14 @@ from common import write  # noqa: E402  (sets sys.path)
 GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18"
 
 
+# (result key, pipeline, recipe overrides); ours first, the seed last (see main)
+RUNS = [
+    ("ours", "ours", []),
+    ("ours_every_layer", "ours", ["lora.top_layers=null", "lora.dropout=0.05"]),  # the recipe before top_layers
+    ("seed", "seed", []),
+]
+
+
 def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """The machine's matmul FLOP/s in the dtype the frozen base weights train in."""
     import torch
@@ -43,7 +51,7 @@ def matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> flo
     return 2 * n**3 / best
 
 
-def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict:
+def child(variant: str, steps: int, batch: int, precision: str = "auto", overrides: list[str] = ()) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -56,7 +64,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
     from rag.registry import get_spec
 
     torch.manual_seed(0)
-    recipe = load_recipe("gemma-270m-lora")
+    recipe = load_recipe("gemma-270m-lora", overrides)
     spec = get_spec(recipe.model)
     if precision != "auto":  # auto: frozen base weights in bf16 on CPUs with native bf16 (LoRA weights stay float32)
         spec = spec.model_copy(update={"dtype": "float32"})
@@ -67,6 +75,11 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
     hf = model.get_base_model()
     n_head = hf.get_output_embeddings().weight.numel()
     n_body = sum(p.numel() for n, p in hf.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    # the backward pass runs from the top down to the lowest adapted layer (lora.top_layers)
+    layer_of = lambda n: int(n.split(".layers.")[1].split(".")[0]) if ".layers." in n else None
+    lowest = min(layer_of(n) for n, p in hf.named_parameters() if p.requires_grad)
+    n_back = sum(p.numel() for n, p in hf.named_parameters()
+                 if "embed_tokens" not in n and "lora_" not in n and (layer_of(n) is None or layer_of(n) >= lowest))
 
     if variant == "ours":
         # length-grouped: batches of similar length, as the trainer's group_by_length sampler makes them
@@ -79,9 +92,9 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
         batches = [rows[j : j + batch] for j in range(0, len(rows), batch)]
         pick = [batches[k * (len(batches) - 1) // steps] for k in range(steps + 1)]
 
-    # LoRA: the base weights are frozen, so per token 2N forward + 2N for the input gradients (no
-    # weight gradients; the adapters' own FLOPs are under 1%); recomputation is not counted
-    per_param = 4
+    # LoRA: the base weights are frozen, so per token 2N forward + 2N for the input gradients of the
+    # layers the backward pass reaches (no weight gradients; the adapters' own FLOPs are under 1%)
+    flops_of = lambda tokens, head_tokens: 2 * (n_body + n_back) * tokens + 4 * n_head * head_tokens
     times, tokens, flops = [], 0, 0.0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast")
     for k, b in enumerate(pick):
@@ -91,7 +104,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
             enc = collate(b)
             loss = answer_only_loss(model, enc)
             n_tok, n_ans = int(enc["attention_mask"].sum()), int((enc["labels"] != -100).sum())
-            step_flops = per_param * (n_body * enc["input_ids"].numel() + n_head * n_ans)
+            step_flops = flops_of(enc["input_ids"].numel(), n_ans)
         else:
             ids = torch.tensor([pad(r) for r in b])
             mask = (ids != tok.pad_token_id).long()
@@ -99,7 +112,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
             n_tok = int(mask.sum())
-            step_flops = per_param * (n_body + n_head) * ids.numel()
+            step_flops = flops_of(ids.numel(), ids.numel())
         autocast.__exit__(None, None, None)
         loss.backward()
         opt.step()
@@ -112,6 +125,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto") -> dict
     steps_per_epoch = len(batches)
     return {
         "variant": variant,
+        "recipe_overrides": list(overrides),
         "precision": precision,
         "base_dtype": str(hf.dtype).removeprefix("torch."),
         "examples": len(rows),
@@ -131,11 +145,12 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="seed steps to time (ours: a whole epoch)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--child", choices=["ours", "seed"])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for a child")
     ap.add_argument("--precision", choices=["auto", "fp32", "autocast"], default="auto",
                     help="auto: the trainer's choice; fp32: float32 weights; autocast: float32 weights under bf16 autocast")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.precision)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.precision, args.overrides)))
         return
     # the probe first and ours before the seed: a child that just freed 13 GB leaves the kernel
     # reclaiming memory for a while, which once halved the probe's reading
@@ -143,10 +158,10 @@ def main():
 
     peak = matmul_flops(str(pick_dtype("cpu")).removeprefix("torch."))  # the frozen base's dtype
     runs = {}
-    for variant in ("ours", "seed"):
-        out = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch)],
-                             capture_output=True, text=True, check=True)
-        runs[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    for key, variant, overrides in RUNS:
+        cmd = [sys.executable, __file__, "--child", variant, "--steps", str(args.steps), "--batch", str(args.batch)]
+        out = subprocess.run(cmd + [f"--set={o}" for o in overrides], capture_output=True, text=True, check=True)
+        runs[key] = json.loads(out.stdout.strip().splitlines()[-1])
     for run in runs.values():
         run["mfu"] = round(run.pop("model_flops_per_s") / peak, 4)
     result = {
@@ -156,8 +171,10 @@ def main():
         "matmul_dtype": runs["ours"]["base_dtype"],
         "seed": runs["seed"],
         "ours": runs["ours"],
+        "ours_every_layer": runs["ours_every_layer"],
         "epoch_speedup": round(runs["seed"]["epoch_s"] / runs["ours"]["epoch_s"], 2),
         "target_epoch_speedup": 10.0,
+        "top_layers_speedup": round(runs["ours_every_layer"]["epoch_s"] / runs["ours"]["epoch_s"], 2),
     }
     write("finetune", result)
     print(json.dumps(result, indent=2))

@@ -18,17 +18,25 @@ def check_hardware(recipe) -> None:
         )
 
 
-def lora_config(recipe, seq2seq: bool):
+def lora_settings(recipe, config) -> dict:
+    """The adapter settings peft's LoraConfig and Unsloth's get_peft_model both take."""
+    lora = recipe.lora
+    settings = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, bias="none")
+    if lora.top_layers is not None:
+        n = getattr(config, "num_hidden_layers", None)
+        if config.is_encoder_decoder or not n:
+            raise UserError(f"recipe {recipe.name!r}: lora.top_layers is for decoder-only models; remove it for {recipe.model!r}")
+        if lora.top_layers > n:
+            raise UserError(f"recipe {recipe.name!r}: lora.top_layers={lora.top_layers} but {recipe.model!r} has {n} layers")
+        settings.update(layers_to_transform=list(range(n - lora.top_layers, n)))
+    return settings
+
+
+def lora_config(recipe, config):
     from peft import LoraConfig, TaskType
 
-    return LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora.target_modules,
-        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
-        bias="none",
-    )
+    task = TaskType.SEQ_2_SEQ_LM if config.is_encoder_decoder else TaskType.CAUSAL_LM
+    return LoraConfig(task_type=task, **lora_settings(recipe, config))
 
 
 def load_for_training(spec, recipe):
@@ -42,7 +50,7 @@ def load_for_training(spec, recipe):
 
     model, tok = load_model_and_tokenizer(spec, adapter="", trainable=recipe.method == "full")
     if recipe.method == "lora":
-        model = get_peft_model(model, lora_config(recipe, spec.seq2seq))
+        model = get_peft_model(model, lora_config(recipe, model.config))
     model.train()
     return model, tok, f"{recipe.method} (peft)" if recipe.method == "lora" else "full"
 
@@ -54,11 +62,7 @@ def _load_qlora(spec, recipe):
         model, tok = FastLanguageModel.from_pretrained(spec.base, max_seq_length=recipe.max_length, load_in_4bit=True, dtype=None)
         model = FastLanguageModel.get_peft_model(
             model,
-            r=recipe.lora.r,
-            lora_alpha=recipe.lora.alpha,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=recipe.lora.target_modules,
-            bias="none",
+            **lora_settings(recipe, model.config),
             use_gradient_checkpointing="unsloth",
             random_state=recipe.seed,
         )
@@ -76,7 +80,7 @@ def _load_qlora(spec, recipe):
         tok = AutoTokenizer.from_pretrained(spec.base)
         model = AutoModelForCausalLM.from_pretrained(spec.base, quantization_config=quant, device_map={"": 0})
         model = prepare_model_for_kbit_training(model)
-        model = get_peft_model(model, lora_config(recipe, False))
+        model = get_peft_model(model, lora_config(recipe, model.config))
         how = "qlora (peft + bitsandbytes)"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -19,6 +19,9 @@ class LoraSettings(BaseModel):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
+    # adapters on the top N transformer layers only (None: every layer); autograd then stops below
+    # them, so the backward pass skips the lower layers (decoder-only models)
+    top_layers: int | None = Field(None, ge=1)
 
 
 class Recipe(BaseModel):

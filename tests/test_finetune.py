@@ -202,3 +202,40 @@ def test_recipe_overrides_and_errors():
         load_recipe("gpt2-lora", ["lr"])
     with pytest.raises(UserError, match="context"):
         load_recipe("gpt2-lora", ["context=maybe"])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_top_layers_adapts_only_the_top_and_backward_stops_below(family, tiny_models):
+    """lora.top_layers=1 on a 2-layer model: adapters only in the top layer, and the backward pass
+    never reaches the bottom one (what makes it cheaper)."""
+    from finetune.model import load_for_training
+    from finetune.trainer import answer_only_loss
+    from rag.registry import ModelSpec
+
+    spec = ModelSpec(name=f"tiny-{family}", family=family, base=str(tiny_models[family]))
+    targets = "[c_attn]" if family == "gpt2" else "[q_proj,v_proj]"
+    recipe = load_recipe(RECIPE_OF[family], [f"lora.target_modules={targets}", "lora.top_layers=1"])
+    model, _, _ = load_for_training(spec, recipe)
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert adapted and all((".1." in n) and (".0." not in n) for n in adapted), adapted
+    layers = [m for n, m in model.named_modules() if n.endswith(("h", "layers")) and isinstance(m, torch.nn.ModuleList)][0]
+    reached = []
+    for i, layer in enumerate(layers):
+        layer.register_full_backward_hook(lambda *_, i=i: reached.append(i))
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 2]])
+    labels = torch.tensor([[-100, -100, -100, -100, 13, 14, 15, 2]])
+    answer_only_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}).backward()
+    assert reached == [1]
+
+    with pytest.raises(UserError, match="top_layers=3 but .* has 2 layers"):
+        load_for_training(spec, load_recipe(RECIPE_OF[family], [f"lora.target_modules={targets}", "lora.top_layers=3"]))
+
+
+def test_top_layers_refused_for_seq2seq(tiny_models):
+    from finetune.model import load_for_training
+    from rag.registry import ModelSpec
+
+    spec = ModelSpec(name="tiny-bart", family="bart", base=str(tiny_models["bart"]))
+    recipe = load_recipe("bart-large-xsum", ["method=lora", "lora.target_modules=[q_proj,v_proj]", "lora.top_layers=1"])
+    with pytest.raises(UserError, match="decoder-only"):
+        load_for_training(spec, recipe)

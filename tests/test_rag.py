@@ -113,6 +113,17 @@ def test_stop_criterion_stops_decoding_at_a_generated_stop_not_one_in_the_prompt
         assert same.completion_tokens == 24 and same.text == free.text
 
 
+@pytest.mark.parametrize("family", ["gemma3", "gpt2"])
+def test_answer_ends_where_the_model_starts_a_new_numbered_passage(family):
+    """The base model, grounded, often goes on past its answer with the next note ("[4] Question: ...")."""
+    from rag.generators.base import cut_at_stop
+    from rag.prompts import template_for
+
+    text = "The sigmoid maps scores to probabilities (0 to 1).\n[4] Question: What is logistic regression?"
+    assert cut_at_stop(text, template_for(family).stop) == ("The sigmoid maps scores to probabilities (0 to 1).", True)
+    assert cut_at_stop("Cite [1] inline, not a new line.", template_for(family).stop)[1] is False
+
+
 def test_registry_dtype_is_honoured_and_training_stays_float32(tiny_models):
     import torch
 
