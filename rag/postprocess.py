@@ -6,6 +6,8 @@ import re
 
 _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]?(?=\s|$)")
 _SENTENCES = re.compile(r"[^.!?]+[.!?]+[\"')\]]?|[^.!?]+$")
+_LEADING_MARK = re.compile(r"^\[\d+\][ \t]*")
+_NEXT_PASSAGE = re.compile(r"\n\s*\[\d+\]")
 
 
 def _ngrams(words: list[str], n: int = 4) -> set[tuple[str, ...]]:
@@ -35,8 +37,20 @@ def last_complete_sentence(text: str) -> str:
     return text[: ends[-1]] if ends else text
 
 
+def cut_at_next_passage(text: str) -> str:
+    """Grounded prompts number their passages "[n] ..."; a line that starts "[n]" after the answer is
+    the model writing more notes ("...(0 to 1).\n[4] Question: What is..."), as a third of the base
+    model's k=3 answers did. Not a stop sequence: the same model often opens with "\n[1] <answer>",
+    which a stop would cut to nothing; here that leading marker is dropped instead."""
+    text = _LEADING_MARK.sub("", text.lstrip())
+    found = _NEXT_PASSAGE.search(text)
+    return text[: found.start()] if found else text
+
+
 def clean_answer(text: str, truncated: bool) -> str:
-    text = text.strip()
+    cut = cut_at_next_passage(text)
+    truncated = truncated and cut == text.lstrip()  # cut before the limit: the answer itself is whole
+    text = cut.strip()
     text = remove_loops(text)
     if truncated:
         text = last_complete_sentence(text)

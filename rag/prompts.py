@@ -24,9 +24,7 @@ class PromptTemplate:
     target_prefix: str = " "  # what separates the prompt from the answer in training targets
 
 
-# "\n[": a new numbered passage. Grounded, the base model often goes on writing notes after its
-# answer ("...probabilities.\n[4] Question: What is..."): a third of its k=3 answers did.
-_QA_STOP = ("\nQuestion:", "\n\n\n", "\nQ:", "\n[")
+_QA_STOP = ("\nQuestion:", "\n\n\n", "\nQ:")
 
 # A family's template is data: which one a model uses is set in the registry.
 TEMPLATES: dict[str, PromptTemplate] = {
