@@ -47,8 +47,12 @@ class Embedder:
         return int(getter())
 
     def tokenize(self, text: str) -> list[str]:
-        """The model's own word pieces: chunk sizes are counted in the tokens the encoder sees."""
-        return self.model.tokenizer.tokenize(text)
+        """The model's own word pieces: chunk sizes are counted in the tokens the encoder sees. Whole
+        documents are counted before they are split, so transformers' one-time warning that a text is
+        longer than the encoder's maximum ("will result in indexing errors") is marked as given."""
+        tok = self.model.tokenizer
+        getattr(tok, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+        return tok.tokenize(text)
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         vecs = self.model.encode(

@@ -151,3 +151,12 @@ def test_cli_end_to_end(tmp_path, course_dir):
     assert len(hits) == 2 and hits[0]["section_id"].startswith("unit2/dropout")
     bad = run_cli("index", "search", tmp_path / "nothing", "q")
     assert bad.returncode == 2 and "not an index" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_counting_a_long_document_does_not_warn_of_indexing_errors(embedder, capfd, caplog):
+    """Documents are counted whole before they are split; transformers' warning that a text longer
+    than the encoder's maximum "will result in indexing errors" is false here and alarmed users."""
+    text = "Gradient descent moves the weights against the gradient. " * 80
+    assert len(embedder.tokenize(text)) > 256
+    out = capfd.readouterr()
+    assert "indexing errors" not in out.err + out.out + caplog.text
