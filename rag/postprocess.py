@@ -37,20 +37,21 @@ def last_complete_sentence(text: str) -> str:
     return text[: ends[-1]] if ends else text
 
 
-def cut_at_next_passage(text: str) -> str:
+def cut_at_next_passage(text: str) -> tuple[str, bool]:
     """Grounded prompts number their passages "[n] ..."; a line that starts "[n]" after the answer is
     the model writing more notes ("...(0 to 1).\n[4] Question: What is..."), as a third of the base
     model's k=3 answers did. Not a stop sequence: the same model often opens with "\n[1] <answer>",
-    which a stop would cut to nothing; here that leading marker is dropped instead."""
+    which a stop would cut to nothing; here that leading marker is dropped instead. Returns the text
+    and whether it was cut there (as `cut_at_stop` does)."""
     text = _LEADING_MARK.sub("", text.lstrip())
     found = _NEXT_PASSAGE.search(text)
-    return text[: found.start()] if found else text
+    return (text[: found.start()], True) if found else (text, False)
 
 
 def clean_answer(text: str, truncated: bool) -> str:
-    cut = cut_at_next_passage(text)
-    truncated = truncated and cut == text.lstrip()  # cut before the limit: the answer itself is whole
-    text = cut.strip()
+    text, cut = cut_at_next_passage(text)
+    truncated = truncated and not cut  # cut before the limit: the answer itself is whole
+    text = text.strip()
     text = remove_loops(text)
     if truncated:
         text = last_complete_sentence(text)

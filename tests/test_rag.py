@@ -49,6 +49,7 @@ def test_postprocess():
     went_on = "The sigmoid maps scores to probabilities (0 to 1).\n[4] Question: What is logistic regression? It"
     assert clean_answer(went_on, truncated=True) == "The sigmoid maps scores to probabilities (0 to 1)."
     assert clean_answer("\n[1] It cut top-1 error by 1.4%.\n[2] The", truncated=True) == "It cut top-1 error by 1.4%."
+    assert clean_answer("\n[1] It cut top-1 error by 1.4%. The", truncated=True) == "It cut top-1 error by 1.4%."
     assert clean_answer("Cite [1] inline; keep it", truncated=False) == "Cite [1] inline; keep it"
 
 
