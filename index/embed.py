@@ -34,12 +34,17 @@ class Embedder:
         from aimlqa.settings import UserError
 
         try:
-            return SentenceTransformer(resolve_model_path(self.name), device=self.device)
+            model = SentenceTransformer(resolve_model_path(self.name), device=self.device)
         except Exception as e:
             raise UserError(
                 f"cannot load embedding model {self.name!r} ({type(e).__name__}: {e}); "
                 f"use {DEFAULT_EMBED_MODEL!r} (packaged) or a local sentence-transformers directory"
             ) from None
+        # `tokenize` counts whole documents before they are split, so transformers' one-time warning
+        # that a text is longer than the encoder's maximum ("will result in indexing errors") is
+        # false here: mark it as given
+        getattr(model.tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+        return model
 
     @property
     def dim(self) -> int:
@@ -47,12 +52,8 @@ class Embedder:
         return int(getter())
 
     def tokenize(self, text: str) -> list[str]:
-        """The model's own word pieces: chunk sizes are counted in the tokens the encoder sees. Whole
-        documents are counted before they are split, so transformers' one-time warning that a text is
-        longer than the encoder's maximum ("will result in indexing errors") is marked as given."""
-        tok = self.model.tokenizer
-        getattr(tok, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
-        return tok.tokenize(text)
+        """The model's own word pieces: chunk sizes are counted in the tokens the encoder sees."""
+        return self.model.tokenizer.tokenize(text)
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         vecs = self.model.encode(
