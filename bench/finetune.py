@@ -74,12 +74,12 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto", overrid
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
     hf = model.get_base_model()
     n_head = hf.get_output_embeddings().weight.numel()
-    n_body = sum(p.numel() for n, p in hf.named_parameters() if "embed_tokens" not in n and "lora_" not in n)
+    frozen_body = [(n, p) for n, p in hf.named_parameters() if "embed_tokens" not in n and "lora_" not in n]
+    n_body = sum(p.numel() for _, p in frozen_body)
     # the backward pass runs from the top down to the lowest adapted layer (lora.top_layers)
     layer_of = lambda n: int(n.split(".layers.")[1].split(".")[0]) if ".layers." in n else None
     lowest = min(layer_of(n) for n, p in hf.named_parameters() if p.requires_grad)
-    n_back = sum(p.numel() for n, p in hf.named_parameters()
-                 if "embed_tokens" not in n and "lora_" not in n and (layer_of(n) is None or layer_of(n) >= lowest))
+    n_back = sum(p.numel() for n, p in frozen_body if layer_of(n) is None or layer_of(n) >= lowest)
 
     if variant == "ours":
         # length-grouped: batches of similar length, as the trainer's group_by_length sampler makes them
