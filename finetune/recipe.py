@@ -54,6 +54,9 @@ class Recipe(BaseModel):
     rag_k: int = Field(3, ge=1)
     drop_oracle: float = Field(0.5, ge=0, le=1)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    # output-layer gradient columns left out where every answer token's probability is below this
+    # (Cut Cross-Entropy's gradient filtering; finetune/loss.py); 0: the exact gradient
+    head_grad_filter: float = Field(0.0, ge=0, lt=1)
     use_unsloth: bool = True
     gradient_checkpointing: bool = False
 

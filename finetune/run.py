@@ -98,6 +98,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
         data_collator=make_collator(tokenizer),
         callbacks=[stopper],
         answerer_factory=answerer_factory,
+        head_grad_filter=recipe.head_grad_filter,
         eval_questions=[r.question for r in val],
         eval_references=[r.answer for r in val],
     )

@@ -18,7 +18,7 @@ from aimlqa.settings import UserError
 from finetune.loss import linear_cross_entropy
 
 
-def answer_only_loss(model, batch, num_items: int | None = None) -> torch.Tensor:
+def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the answer tokens, projecting only their hidden states through the output layer.
 
     A causal LM's forward computes logits for every position; for Gemma 3 270M the 262k-word output
@@ -34,7 +34,7 @@ def answer_only_loss(model, batch, num_items: int | None = None) -> torch.Tensor
     target = labels[:, 1:]
     mask = target != -100
     cap = getattr(hf.config, "final_logit_softcapping", None)
-    loss = linear_cross_entropy(hidden[:, :-1][mask], hf.get_output_embeddings(), target[mask], cap)
+    loss = linear_cross_entropy(hidden[:, :-1][mask], hf.get_output_embeddings(), target[mask], cap, grad_filter=grad_filter)
     return loss / (num_items if num_items else mask.sum().clamp(min=1))
 
 
@@ -76,15 +76,16 @@ class StopOnSignal(TrainerCallback):
 class QATrainer(Trainer):
     """Trainer with the answer-only loss and generation-based validation."""
 
-    def __init__(self, *args, answerer_factory=None, eval_questions=(), eval_references=(), **kwargs):
+    def __init__(self, *args, answerer_factory=None, eval_questions=(), eval_references=(), head_grad_filter=0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.head_grad_filter = head_grad_filter
         self.answerer_factory = answerer_factory
         self.eval_questions = list(eval_questions)
         self.eval_references = list(eval_references)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = int(num_items_in_batch) if num_items_in_batch is not None else None
-        loss = answer_only_loss(model, inputs, n)
+        loss = answer_only_loss(model, inputs, n, self.head_grad_filter)
         return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

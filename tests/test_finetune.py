@@ -94,6 +94,41 @@ def test_frozen_head_cross_entropy_matches_the_plain_one(softcap):
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_head_gradient_filter_leaves_out_only_columns_below_it(softcap):
+    """grad_filter: the loss stays exact; the input gradient is the exact one summed over the columns
+    where some row of the chunk reaches the threshold (plus the targets), and a threshold below every
+    probability changes nothing."""
+    from finetune.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    hidden = (20 * torch.randn(23, 16)).requires_grad_(True)  # peaked: most columns negligible
+    target = torch.randint(0, 300, (23,))
+    logits = head(hidden)
+    capped = torch.tanh(logits / softcap) * softcap if softcap else logits
+    exact = torch.nn.functional.cross_entropy(capped, target, reduction="sum")
+    (g_exact,) = torch.autograd.grad(exact, hidden)
+    # the per-column gradient of the loss wrt the logits, chunk by chunk as the loss forms it
+    d_logits = torch.autograd.functional.jacobian(
+        lambda z: torch.nn.functional.cross_entropy(torch.tanh(z / softcap) * softcap if softcap else z, target, reduction="sum"),
+        logits.detach())
+    threshold, expected, kept = 1e-3, torch.empty_like(g_exact), []
+    for s in range(0, 23, 5):
+        chunk = d_logits[s : s + 5]
+        keep = chunk.amax(dim=0) >= threshold
+        keep[target[s : s + 5]] = True
+        expected[s : s + 5] = chunk[:, keep] @ head.weight[keep]
+        kept.append(int(keep.sum()))
+    assert max(kept) < 300 * 0.8  # the threshold leaves columns out of every chunk
+    filtered = linear_cross_entropy(hidden, head, target, softcap, rows=5, grad_filter=threshold)
+    (g_filtered,) = torch.autograd.grad(filtered, hidden)
+    assert torch.allclose(filtered, exact, atol=1e-4)
+    assert torch.allclose(g_filtered, expected, atol=1e-5) and not torch.allclose(g_filtered, g_exact, atol=1e-5)
+    (g_all,) = torch.autograd.grad(linear_cross_entropy(hidden, head, target, softcap, rows=5, grad_filter=1e-30), hidden)
+    assert torch.allclose(g_all, g_exact, atol=1e-5)
+
+
 def test_answer_only_loss_gradients_match_full_logits_with_a_frozen_head(tiny_models):
     """Trained as under LoRA (output layer frozen): the same gradients as the full-logits loss."""
     from transformers import AutoModelForCausalLM
