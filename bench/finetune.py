@@ -35,7 +35,6 @@ GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18"
 RUNS = [
     ("ours", "ours", []),
     ("ours_exact_head", "ours", ["head_grad_filter=0"]),  # the output layer's full gradient
-    ("ours_top12", "ours", ["head_grad_filter=0", "lora.top_layers=12"]),  # the recipe of 2026-11-30
     ("ours_every_layer", "ours", ["head_grad_filter=0", "lora.top_layers=null", "lora.dropout=0.05"]),  # before top_layers
     ("seed", "seed", []),
 ]
