@@ -147,6 +147,11 @@ def test_answer_only_loss_gradients_match_full_logits_with_a_frozen_head(tiny_mo
     g_ref = torch.autograd.grad(reference, params)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_ours, g_ref))
+    # the recipe's head_grad_filter reaches the output layer: the same loss, a coarser gradient
+    filtered = answer_only_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, grad_filter=0.5)
+    g_filtered = torch.autograd.grad(filtered, params)
+    assert torch.allclose(filtered, reference, atol=1e-5)
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_filtered, g_ref))
 
 
 def test_tokenize_masks_prompt_for_causal_and_not_for_seq2seq(tiny_models):
