@@ -105,14 +105,12 @@ def test_head_gradient_filter_leaves_out_only_columns_below_it(softcap):
     head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
     hidden = (20 * torch.randn(23, 16)).requires_grad_(True)  # peaked: most columns negligible
     target = torch.randint(0, 300, (23,))
+    loss_of = lambda z: torch.nn.functional.cross_entropy(torch.tanh(z / softcap) * softcap if softcap else z, target, reduction="sum")
     logits = head(hidden)
-    capped = torch.tanh(logits / softcap) * softcap if softcap else logits
-    exact = torch.nn.functional.cross_entropy(capped, target, reduction="sum")
+    exact = loss_of(logits)
     (g_exact,) = torch.autograd.grad(exact, hidden)
     # the per-column gradient of the loss wrt the logits, chunk by chunk as the loss forms it
-    d_logits = torch.autograd.functional.jacobian(
-        lambda z: torch.nn.functional.cross_entropy(torch.tanh(z / softcap) * softcap if softcap else z, target, reduction="sum"),
-        logits.detach())
+    d_logits = torch.autograd.functional.jacobian(loss_of, logits.detach())
     threshold, expected, kept = 1e-3, torch.empty_like(g_exact), []
     for s in range(0, 23, 5):
         chunk = d_logits[s : s + 5]
