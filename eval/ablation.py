@@ -93,7 +93,7 @@ class MemoGenerator:
     def generate(self, prompts, config):
         if not config.greedy:
             return self.inner.generate(prompts, config)
-        tag = (config.max_new_tokens, config.stop, config.repetition_penalty)
+        tag = (config.max_new_tokens, config.stop, config.repetition_penalty, config.num_beams)
         todo = list(dict.fromkeys(p for p in prompts if (p, tag) not in self.memo))
         for p, g in zip(todo, self.inner.generate(todo, config) if todo else []):
             self.memo[(p, tag)] = g
@@ -130,7 +130,7 @@ class Plan:
     def fingerprint(self, cell: Cell) -> str:
         """What determines a cell's predictions (not the question list: a question's answer does not depend on it)."""
         c = self.config
-        generation = None if self.specs[cell.model].backend == "retrieval" else (c.max_new_tokens, c.temperature, c.seed)
+        generation = None if self.specs[cell.model].backend == "retrieval" else (c.max_new_tokens, c.temperature, c.seed) + ((c.num_beams,) if c.num_beams > 1 else ())
         index = self.indexes[cell.dataset].manifest_hash if cell.rag else None
         return provenance.fingerprint(CACHE_VERSION, self.infos[cell.model], cell.rag, cell.k, cell.mode, index, generation)
 
@@ -255,7 +255,7 @@ def generate(plan: Plan, progress: bool = True) -> dict[Cell, dict]:
                     batch = todo[i : i + c.batch_size]
                     answers = answerer.answer_many(
                         [r.question for r in batch], rag=cell.rag, k=cell.k or 1, mode=cell.mode or None,
-                        max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed,
+                        max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, num_beams=c.num_beams,
                     )
                     caches[cell].add([_answer_row(question_key(r), r.question, a) for r, a in zip(batch, answers)])
                     bar.advance(task, len(batch))

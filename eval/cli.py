@@ -39,6 +39,7 @@ def score(
     allow_leak: bool = typer.Option(False, "--allow-leak", help="Accept an index that holds evaluated pairs (the report flags it)"),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N questions of the split"),
     max_new_tokens: int = typer.Option(64, help="Generation limit"),
+    beams: int = typer.Option(1, "--beams", min=1, max=16, help="Beam search width (1: greedy)"),
     threads: Optional[int] = typer.Option(None, help="Torch threads (1 is fastest on a CPU shared with other jobs)"),
     out: Optional[Path] = typer.Option(None, help="Output dir (default: $AIMLQA_HOME/eval/runs/score)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -51,7 +52,7 @@ def score(
     config = make_config(
         name="score", models=[model], rag=[rag], top_k=[k], modes=[mode], headline={"k": k, "mode": mode},
         datasets=[{"name": re.sub(r"[^A-Za-z0-9_.-]+", "_", qa.stem).strip("._-") or "qa", "path": qa, "split": split}],
-        corpus=corpus, limit=limit, max_new_tokens=max_new_tokens, threads=threads, out=out,
+        corpus=corpus, limit=limit, max_new_tokens=max_new_tokens, num_beams=beams, threads=threads, out=out,
     )
     summary, out_dir = run_ablation(config, progress=progress)
     _print_cells(summary, out_dir)

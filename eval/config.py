@@ -69,6 +69,7 @@ class AblationConfig(_Strict):
     headline: Headline = Field(default_factory=Headline)
     max_new_tokens: int = Field(64, ge=1, le=2048)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
+    num_beams: int = Field(1, ge=1, le=16)  # beam search for every generated cell (greedy only); ~num_beams x the time
     batch_size: int = Field(32, ge=1)  # decoding a small model on a CPU is memory-bound: wide batches are nearly free
     threads: Optional[int] = Field(None, ge=1)  # torch threads; 1 is much faster on a CPU other jobs share
     limit: Optional[int] = Field(None, ge=1)  # questions per dataset, the first N of the split

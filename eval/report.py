@@ -141,10 +141,17 @@ def _retrieval_section(summary: dict, name: str) -> list[str]:
             *_table(["Mode", "k", *(RETRIEVAL_LABELS[k] for k in keys)], [[r["mode"], str(r["k"]), *(with_ci(r.get(k)) for k in keys)] for r in rows]), ""]
 
 
+def _decoding(config: dict) -> str:
+    beams, t = config.get("num_beams", 1), config.get("temperature", 0.0)
+    what = f"beam search, {beams} beams" if beams > 1 else ("greedy" if t < 1e-3 else f"sampled at temperature {t:g}")
+    return f"decoding: {what}, up to {config.get('max_new_tokens')} new tokens"
+
+
 def _provenance(summary: dict) -> list[str]:
     run = summary["run"]
     lines = ["## Provenance", "", f"Run `{run['id']}` ({run['name']}), {run.get('started', '')} to {run.get('finished', '')}, "
-             f"{run.get('wall_s', 0):.0f} s on {run['cpus']} CPUs; seed {run['seed']}, {run['bootstrap']} bootstrap resamples, limit {run['limit'] or 'none'}.", ""]
+             f"{run.get('wall_s', 0):.0f} s on {run['cpus']} CPUs; seed {run['seed']}, {run['bootstrap']} bootstrap resamples, limit {run['limit'] or 'none'}; "
+             f"{_decoding(run['config'])}.", ""]
     rows = []
     for name, m in summary["models"].items():
         ft = m.get("finetune") or {}

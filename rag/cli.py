@@ -32,6 +32,7 @@ def ask(
     mode: str = typer.Option("dense", help="Retrieval: dense | bm25 | hybrid"),
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit"),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
+    beams: Optional[int] = typer.Option(None, "--beams", min=1, max=16, help="Beam search width (default: the model's; 1 = greedy)"),
     as_json: bool = typer.Option(False, "--json", help="Print the whole answer as JSON"),
 ):
     """Answer one question with a registered model, showing its sources."""
@@ -40,7 +41,7 @@ def ask(
 
     spec = get_spec(model)
     retriever = open_retriever(index, required=spec.backend == "retrieval" or (rag and index is not None)) if rag or spec.backend == "retrieval" else None
-    answer = Answerer(spec, retriever, mode=mode).answer(question, rag=rag, k=k, max_new_tokens=max_new_tokens, temperature=temperature)
+    answer = Answerer(spec, retriever, mode=mode).answer(question, rag=rag, k=k, max_new_tokens=max_new_tokens, temperature=temperature, num_beams=beams)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return

@@ -35,6 +35,7 @@ class ModelSpec(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)
+    num_beams: int = Field(1, ge=1, le=16)  # beam search when > 1 (greedy only)
     prefill_chunk: int = Field(128, ge=0)  # prompt tokens per forward pass (causal models); 0: one pass
     description: str = ""
 

@@ -225,7 +225,7 @@ def test_ablation_writes_every_file(aimlqa_home, tmp_path, tiny_models, tiny_ada
     assert "| LLM | Setting | ROUGE-1 | ROUGE-2 | ROUGE-L [95% CI] | ROUGE-Lsum |" in report
     assert "reported, not reproduced" in report and "teacher-forced" in report and "0.384" in report
     assert "What retrieval adds" in report and "What fine-tuning adds" in report and "not-registered" in report
-    assert "LEAKY" not in report and summary["run"]["id"] in report
+    assert "LEAKY" not in report and summary["run"]["id"] in report and "decoding: greedy, up to 6 new tokens" in report
     png = (out / "rouge_l.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and summary["run"]["id"].encode() in png
 
@@ -276,6 +276,11 @@ def test_resume_generates_only_what_is_missing(aimlqa_home, tmp_path, tiny_model
     register("tiny-base", family="llama", base=str(tiny_models["llama"]), context_window=256, max_new_tokens=8, adapter=str(tiny_adapter))
     ablation.run_ablation(cfg, progress=False, embedder=embedder)
     assert len(asked) == 20
+
+    # beam search is another decoding: new cells, and the report says which
+    asked.clear()
+    _, out = ablation.run_ablation(cfg.model_copy(update={"num_beams": 2}), progress=False, embedder=embedder)
+    assert len(asked) == 20 and "decoding: beam search, 2 beams" in (out / "report.md").read_text()
 
 
 def test_leakage_guard(aimlqa_home, tmp_path, ten_qa, course_dir, embedder):

@@ -101,6 +101,41 @@ def test_generator_stop_sequences_and_limits(tiny_models):
     assert [g.text for g in sampled] == [g.text for g in again]
 
 
+def test_beam_search_is_transformers_beam_search_with_stops_cut(tiny_models):
+    import torch
+
+    from rag.generators.hf import TransformersGenerator
+
+    gen = TransformersGenerator(tiny_spec("llama", tiny_models["llama"]))
+    prompts = ["Question: What is AI?\nAnswer:", "Question: Why normalise inputs?\nAnswer:"]
+    beams = gen.generate(prompts, GenerationConfig(max_new_tokens=10, num_beams=3))
+    enc = gen.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        ref = gen.model.generate(**enc, max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=gen.tokenizer.pad_token_id)
+    for b, row in zip(beams, ref[:, enc["input_ids"].shape[1] :]):
+        ids = [t for t in row.tolist() if t not in (gen.tokenizer.eos_token_id, gen.tokenizer.pad_token_id)]
+        assert b.text == gen.tokenizer.decode(ids, skip_special_tokens=True) and b.completion_tokens == len(ids)
+    if len(beams[0].text) > 4:  # a stop sequence inside the best beam ends the answer there
+        stop = beams[0].text[2:4]
+        cut = gen.generate(prompts[:1], GenerationConfig(max_new_tokens=10, num_beams=3, stop=(stop,)))[0]
+        assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+def test_beam_search_settings_are_checked_and_sampling_overrides_a_beam_default():
+    from rag.generators.base import default_config
+
+    with pytest.raises(UserError, match="num_beams=4.*temperature 0"):
+        GenerationConfig(num_beams=4, temperature=0.7)
+    with pytest.raises(UserError, match="at least 1"):
+        GenerationConfig(num_beams=0)
+    spec = tiny_spec("gpt2", "unused", num_beams=4)
+    assert default_config(spec).num_beams == 4
+    assert default_config(spec, temperature=0.7).num_beams == 1  # asked to sample: no beams
+    assert default_config(spec, num_beams=2).num_beams == 2
+    with pytest.raises(UserError, match="temperature 0"):
+        default_config(spec, temperature=0.7, num_beams=2)
+
+
 def test_stop_criterion_stops_decoding_at_a_generated_stop_not_one_in_the_prompt(tiny_models):
     from rag.generators.hf import TransformersGenerator
 
@@ -217,6 +252,49 @@ def test_vllm_backend_refuses_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="needs a CUDA GPU.*transformers back end"):
         load_generator(tiny_spec("gpt2", "unused"), backend="vllm")
+
+
+def test_vllm_beam_search_goes_through_llm_beam_search(monkeypatch):
+    # No GPU here: vLLM itself is faked (its LLM, BeamSearchParams, LoRARequest); what runs is our
+    # side, which must call LLM.beam_search (SamplingParams has no beams) and strip the prompt.
+    import sys
+    import types
+
+    from rag.generators import vllm as backend
+
+    calls = {}
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) for c in text]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["llm"] = kw
+
+        def get_tokenizer(self):
+            return Tok()
+
+        def beam_search(self, prompts, params, lora_request=None):
+            calls["beam"] = (params, lora_request)
+            seq = lambda p, new: types.SimpleNamespace(tokens=[ord(c) for c in p + new] + [0])
+            return [types.SimpleNamespace(sequences=[seq(x["prompt"], " best. Q: more"), seq(x["prompt"], " worse")]) for x in prompts]
+
+    params = types.SimpleNamespace(BeamSearchParams=lambda **kw: kw)
+    lora = types.SimpleNamespace(LoRARequest=lambda *a: a)
+    fake = types.SimpleNamespace(LLM=LLM, SamplingParams=None)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", params)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr(backend, "require_vllm", lambda: fake)
+    gen = backend.VLLMGenerator(tiny_spec("gpt2", "unused", backend="vllm", adapter="/adapters/x"))
+    out = gen.generate(["Question: A?\nAnswer:"], GenerationConfig(max_new_tokens=20, num_beams=3, stop=("Q:",)))
+    assert calls["beam"][0] == {"beam_width": 3, "max_tokens": 20} and calls["beam"][1] is not None
+    assert out[0].text == " best. " and out[0].finish_reason == "stop" and out[0].prompt_tokens == len("Question: A?\nAnswer:")
 
 
 def test_4bit_model_refuses_on_cpu():

@@ -16,11 +16,18 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    num_beams: int = 1  # > 1: beam search (greedy only); about num_beams times the decoding compute
 
     @property
     def greedy(self) -> bool:
         """Temperatures this close to 0 overflow the sampler's softmax; they mean greedy anyway."""
         return self.temperature < 1e-3
+
+    def __post_init__(self):
+        if self.num_beams < 1:
+            raise UserError(f"num_beams must be at least 1, not {self.num_beams}")
+        if self.num_beams > 1 and not self.greedy:
+            raise UserError(f"beam search (num_beams={self.num_beams}) is deterministic; set temperature 0, or num_beams 1 to sample")
 
 
 @dataclass
@@ -65,8 +72,11 @@ def default_config(spec, template_stop: tuple[str, ...] = (), **overrides) -> Ge
         temperature=spec.temperature,
         top_p=spec.top_p,
         repetition_penalty=spec.repetition_penalty,
+        num_beams=spec.num_beams,
         stop=template_stop,
     )
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return GenerationConfig(**fields)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("temperature", 0) >= 1e-3 and "num_beams" not in given:
+        given["num_beams"] = 1  # sampling asked for: the model's default beam search gives way
+    return GenerationConfig(**fields | given)
 

@@ -123,6 +123,7 @@ class TransformersGenerator:
             do_sample=not config.greedy,
             pad_token_id=tok.pad_token_id,
             repetition_penalty=config.repetition_penalty,
+            num_beams=config.num_beams,
         )
         if not config.greedy:
             kwargs.update(temperature=config.temperature, top_p=config.top_p)

@@ -43,6 +43,8 @@ class VLLMGenerator:
         return len(self.tokenizer(text)["input_ids"])
 
     def generate(self, prompts: list[str], config: GenerationConfig) -> list[Generation]:
+        if config.num_beams > 1:
+            return self._beam_search(prompts, config)
         params = self._vllm.SamplingParams(
             max_tokens=config.max_new_tokens,
             temperature=config.temperature,
@@ -57,4 +59,21 @@ class VLLMGenerator:
             c = out.outputs[0]
             text, _ = cut_at_stop(c.text, config.stop)
             results.append(Generation(text, len(out.prompt_token_ids), len(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
+        return results
+
+    def _beam_search(self, prompts: list[str], config: GenerationConfig) -> list[Generation]:
+        """vLLM runs beam search through `LLM.beam_search`, not `SamplingParams`; stop sequences are cut
+        afterwards, as the transformers back end cuts them."""
+        from vllm.sampling_params import BeamSearchParams
+
+        params = BeamSearchParams(beam_width=config.num_beams, max_tokens=config.max_new_tokens)
+        outputs = self.llm.beam_search([{"prompt": p} for p in prompts], params, lora_request=self.lora)
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            best = out.sequences[0]
+            n_prompt = self.count_tokens(prompt)
+            new = [t for t in best.tokens[n_prompt:] if t != self.tokenizer.eos_token_id]
+            text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=True), config.stop)
+            finish = "length" if len(new) >= config.max_new_tokens and not stopped else "stop"
+            results.append(Generation(text, n_prompt, len(new), finish))
         return results
