@@ -95,7 +95,7 @@ async def answer(body: AnswerRequest, request: Request):
     """Answer a course question, with the passages that grounded it and their scores."""
     result = await service_of(request).answer(
         body.model, body.question, rag=body.rag, k=body.top_k, max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature, request_id=request_id(request),
+        temperature=body.temperature, num_beams=body.num_beams, request_id=request_id(request),
     )
     return answer_response(result)
 

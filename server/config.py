@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 # Hard limits, published in the OpenAPI schema; a model's context window may refuse earlier.
 MAX_QUESTION_CHARS = 2000
 MAX_TOP_K = 20
+MAX_BEAMS = 8  # beam search costs about num_beams x the decoding time
 MAX_NEW_TOKENS = 1024
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.config import MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K
+from server.config import MAX_BEAMS, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K
 
 
 
@@ -53,8 +53,15 @@ class AnswerRequest(_Question):
     top_k: int = Field(3, ge=1, le=MAX_TOP_K, description="Passages to retrieve")
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Generation limit; default: the model's")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy, else 0.01..2; default: the model's")
+    num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS, description="Beam search width, 1 = greedy (about num_beams x the time); default: the model's")
 
     _temperature = field_validator("temperature")(check_temperature)
+
+    @model_validator(mode="after")
+    def beams_are_greedy(self):
+        if (self.num_beams or 1) > 1 and (self.temperature or 0) > 0:
+            raise ValueError(f"num_beams={self.num_beams} is beam search, which does not sample: leave temperature unset or 0, or set num_beams 1")
+        return self
 
 
 class SeedRequest(_Question):

@@ -30,6 +30,7 @@ class BatchKey(NamedTuple):
     k: int
     max_new_tokens: int | None
     temperature: float | None
+    num_beams: int | None = None
 
 
 @dataclass
@@ -144,14 +145,14 @@ class Service:
     # --- answering ----------------------------------------------------------------------
 
     async def answer(self, model: str | None, question: str, *, rag: bool, k: int, max_new_tokens: int | None,
-                     temperature: float | None, request_id: str) -> Result:
+                     temperature: float | None, request_id: str, num_beams: int | None = None) -> Result:
         t0 = time.monotonic()
         name, answerer = self.resolve(model)
         gen = answerer.generator
         wanted = max_new_tokens or answerer.spec.max_new_tokens
         if gen is not None and wanted >= gen.context_window:
             raise ApiError(400, f"max_new_tokens={wanted} does not fit {name}'s context window of {gen.context_window} tokens", "max_new_tokens")
-        key = BatchKey(rag, k, max_new_tokens, temperature if gen is not None else None)
+        key = BatchKey(rag, k, max_new_tokens, *((temperature, num_beams) if gen is not None else (None, None)))
         try:
             job = self.batchers[name].submit(question, key)
         except QueueFull as full:
@@ -182,7 +183,7 @@ class Service:
         questions are measured here, next to generation): a question that does not fit fails alone."""
         problems = [self._token_problem(answerer, q, key.max_new_tokens) for q in questions]
         fits = [q for q, p in zip(questions, problems) if p is None]
-        gen = {} if answerer.generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature}
+        gen = {} if answerer.generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature, "num_beams": key.num_beams}
         answers = iter(answerer.answer_many(fits, rag=key.rag, k=key.k, **gen) if fits else [])
         return [ApiError(400, p, "question_too_long") if p else next(answers) for p in problems]
 

@@ -165,6 +165,10 @@ def test_answer_with_sources_matches_the_answerer(client, answerers):
     assert body["answer"] == direct.text and body["usage"]["prompt_tokens"] == direct.prompt_tokens
     assert set(body["timings"]) == {"retrieve_ms", "generate_ms", "queue_ms"} and body["timings"]["generate_ms"] > 0
 
+    beams = ask(client, {"question": QUESTION, "model": TINY, "top_k": 2, "num_beams": 3, "max_new_tokens": 6}).json()
+    assert beams["answer"] == answerers[TINY].answer(QUESTION, rag=True, k=2, num_beams=3, max_new_tokens=6).text
+    assert beams["answer"] != answerers[TINY].answer(QUESTION, rag=True, k=2, max_new_tokens=6).text  # greedy differs here
+
     plain = ask(client, {"question": QUESTION, "model": TINY, "rag": False, "max_new_tokens": 3}).json()
     assert plain["rag"] is False and plain["sources"] == [] and plain["timings"]["retrieve_ms"] == 0
     assert plain["usage"]["prompt_tokens"] < body["usage"]["prompt_tokens"] and plain["usage"]["completion_tokens"] <= 3
@@ -221,6 +225,8 @@ def test_seed_get_with_a_body_answers_and_a_browser_gets_the_page(client):
         ({"question": QUESTION, "max_new_tokens": 300}, 400, "max_new_tokens=300 does not fit tiny-gpt2's context window of 256"),
         ({"question": QUESTION, "temperature": 2.5}, 422, "temperature: Input should be less than or equal to 2"),
         ({"question": QUESTION, "temperature": 1e-170}, 422, "temperature: temperature must be 0 (greedy) or at least 0.01"),
+        ({"question": QUESTION, "num_beams": 9}, 422, "num_beams: Input should be less than or equal to 8"),
+        ({"question": QUESTION, "num_beams": 2, "temperature": 0.7}, 422, "num_beams=2 is beam search, which does not sample"),
         ({"question": QUESTION, "topk": 2}, 422, "topk: Extra inputs are not permitted"),
         ({"question": QUESTION, "model": "gpt-4"}, 404, "unknown model 'gpt-4'; this server serves: tiny-gpt2, retrieval-only"),
         ({"question": QUESTION, "model": "/tmp/some/model/dir"}, 404, "unknown model '/tmp/some/model/dir'"),
