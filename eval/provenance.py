@@ -39,7 +39,8 @@ def finetune_manifest(spec) -> dict | None:
 
 
 def model_info(spec) -> dict:
-    info = spec.model_dump()
+    # num_beams: an evaluation passes its own (a cell's decoding is in its generation settings)
+    info = spec.model_dump(exclude={"num_beams"})
     for key in ("base", "adapter"):
         p = getattr(spec, key)
         if p and Path(p).is_dir():

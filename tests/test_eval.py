@@ -282,6 +282,12 @@ def test_resume_generates_only_what_is_missing(aimlqa_home, tmp_path, tiny_model
     _, out = ablation.run_ablation(cfg.model_copy(update={"num_beams": 2}), progress=False, embedder=embedder)
     assert len(asked) == 20 and "decoding: beam search, 2 beams" in (out / "report.md").read_text()
 
+    # a model's own default decoding does not change a cell: the evaluation passes its own
+    asked.clear()
+    register("tiny-base", family="llama", base=str(tiny_models["llama"]), context_window=256, max_new_tokens=8, adapter=str(tiny_adapter), num_beams=3)
+    ablation.run_ablation(cfg, progress=False, embedder=embedder)
+    assert asked == []
+
 
 def test_leakage_guard(aimlqa_home, tmp_path, ten_qa, course_dir, embedder):
     from eval.ablation import run_ablation
