@@ -34,6 +34,7 @@ bench: install
 	$(PY) bench/finetune.py
 	$(PY) bench/serve_load.py
 	$(PY) bench/ablation.py --limit 100
+	$(PY) bench/decoding.py --limit 100
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

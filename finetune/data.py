@@ -2,8 +2,11 @@
 
 Retrieval-aware training (`context: rag`, after RAFT, Zhang et al. 2024): each example carries
 top-k passages from an index built over the training split only; for a share of examples the
-passage holding the answer (the oracle) is removed, so the model learns both to use context and
-to answer when it is missing. Validation and test answers are never indexed.
+course sections holding the answer (the oracle) are removed, so the model learns both to use
+context and to answer when it is missing. The example's own Q&A pair, which that index holds, is
+left out of its context (`drop_own_pair`): an unseen question's pair is never in the index, so
+training with it teaches copying an answer that evaluation never offers. Validation and test
+answers are never indexed.
 """
 
 from __future__ import annotations
@@ -29,21 +32,28 @@ def build_train_index(train: list[QARecord], out: Path, extra_sources=(), embedd
     return Retriever.load(out / "index", embedder=embedder)
 
 
+def is_own_pair(passage, record: QARecord) -> bool:
+    """The record's own Q&A chunk."""
+    return passage.text.startswith("Question:") and normalise_question(passage.section) == record.key
+
+
 def is_oracle(passage, record: QARecord) -> bool:
-    """The passage that holds this record's answer: its own Q&A chunk or one of its gold sections."""
-    if passage.text.startswith("Question:") and normalise_question(passage.section) == record.key:
-        return True
-    return passage.section_id in record.gold
+    """A passage that holds this record's answer: its own Q&A chunk or one of its gold sections."""
+    return is_own_pair(passage, record) or passage.section_id in record.gold
 
 
-def contexts_for(records: list[QARecord], retriever, k: int, drop_oracle: float, seed: int, mode: str = "dense") -> list[list[str]]:
-    """k passages per record; for a `drop_oracle` share of records the oracle passages are removed."""
+def contexts_for(records: list[QARecord], retriever, k: int, drop_oracle: float, seed: int, mode: str = "dense",
+                 drop_own_pair: bool = True) -> list[list[str]]:
+    """k passages per record: never its own Q&A pair (unless `drop_own_pair` is off); for a
+    `drop_oracle` share of records no passage that holds the answer."""
     rng = random.Random(seed)
     hits = retriever.search_many([r.question for r in records], k + 3, mode)
     out = []
     for r, h in zip(records, hits):
         if rng.random() < drop_oracle:
             h = [p for p in h if not is_oracle(p, r)]
+        elif drop_own_pair:
+            h = [p for p in h if not is_own_pair(p, r)]
         out.append([p.text for p in h[:k]])
     return out
 

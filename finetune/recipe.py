@@ -48,11 +48,13 @@ class Recipe(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     mixed_precision: Literal["auto", "fp16", "bf16", "no"] = "auto"
     seed: int = 3407
-    # retrieval-aware training (RAFT): k passages per example from a train-split index; for a
-    # share of examples the passage holding the answer is removed.
+    # retrieval-aware training (RAFT): k passages per example from a train-split index, never the
+    # example's own Q&A pair (drop_own_pair); for a share of examples every passage holding the
+    # answer is removed (finetune/data.py).
     context: Literal["none", "rag"] = "none"
     rag_k: int = Field(3, ge=1)
     drop_oracle: float = Field(0.5, ge=0, le=1)
+    drop_own_pair: bool = True
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     # output-layer gradient columns left out where every answer token's probability is below this
     # (Cut Cross-Entropy's gradient filtering; finetune/loss.py); 0: the exact gradient

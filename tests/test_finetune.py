@@ -166,7 +166,7 @@ def test_tokenize_masks_prompt_for_causal_and_not_for_seq2seq(tiny_models):
     assert -100 not in s2s["labels"]
 
 
-def test_raft_contexts_train_split_only_and_drop_oracle(tmp_path, embedder, course_dir):
+def test_raft_contexts_train_split_only_own_pair_left_out_and_drop_oracle(tmp_path, embedder, course_dir):
     from finetune.data import build_train_index, contexts_for
     from index.qa import QARecord, split_records
 
@@ -177,10 +177,16 @@ def test_raft_contexts_train_split_only_and_drop_oracle(tmp_path, embedder, cour
     indexed = {c.text for c in retriever.chunks}
     assert all(f"Answer: {r.answer}" not in "\n".join(indexed) for r in held)  # the leakage guard
     assert all(any(f"Answer: {r.answer}" in t for t in indexed) for r in train)
-    keep = contexts_for(train, retriever, 2, drop_oracle=0.0, seed=1)
-    drop = contexts_for(train, retriever, 2, drop_oracle=1.0, seed=1)
-    assert sum(any(r.answer in p for p in c) for r, c in zip(train, keep)) >= len(train) - 1
-    assert all(not any(r.answer in p for p in c) for r, c in zip(train, drop)) and all(len(c) == 2 for c in drop)
+    own = contexts_for(train, retriever, 2, drop_oracle=0.0, seed=1, drop_own_pair=False)
+    assert sum(any(r.answer in p for p in c) for r, c in zip(train, own)) >= len(train) - 1
+    # by default an example never sees its own pair, as an evaluated question never does
+    for kept in (contexts_for(train, retriever, 2, drop_oracle=0.0, seed=1), contexts_for(train, retriever, 2, drop_oracle=1.0, seed=1)):
+        assert all(not any(r.answer in p for p in c) for r, c in zip(train, kept)) and all(len(c) == 2 for c in kept)
+    # a gold course section stays in the context unless the oracle is dropped
+    gold = [QARecord("How does dropout work during training?", "It zeroes activations.", gold=["unit2/dropout#how-dropout-works"])]
+    holds = lambda c: any("sets each activation to zero" in p for p in c[0])
+    assert holds(contexts_for(gold, retriever, 3, drop_oracle=0.0, seed=1))
+    assert not holds(contexts_for(gold, retriever, 3, drop_oracle=1.0, seed=1))
 
 
 def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monkeypatch):
