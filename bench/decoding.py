@@ -12,7 +12,6 @@ a cell's identity: greedy cells cached by bench/ablation.py were generated at it
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,14 +20,14 @@ from common import write  # noqa: E402  (sets sys.path)
 from eval.ablation import run_ablation
 from eval.bootstrap import paired_test
 from eval.config import load_config
+from eval.files import read_jsonl
 
 CONFIG = Path(__file__).with_name("ablation-beams.yaml")
 
 
 def per_question(out: Path) -> dict[str, dict[str, float]]:
     rows = defaultdict(dict)
-    for line in (out / "predictions.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(out / "predictions.jsonl"):
         rows[r["cell"]][r["id"]] = r["scores"]["rougeL"]
     return rows
 

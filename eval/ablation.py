@@ -130,6 +130,7 @@ class Plan:
     def fingerprint(self, cell: Cell) -> str:
         """What determines a cell's predictions (not the question list: a question's answer does not depend on it)."""
         c = self.config
+        # num_beams only when beam search is on, so greedy cells cached before the field existed stay valid
         generation = None if self.specs[cell.model].backend == "retrieval" else (c.max_new_tokens, c.temperature, c.seed) + ((c.num_beams,) if c.num_beams > 1 else ())
         index = self.indexes[cell.dataset].manifest_hash if cell.rag else None
         return provenance.fingerprint(CACHE_VERSION, self.infos[cell.model], cell.rag, cell.k, cell.mode, index, generation)

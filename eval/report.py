@@ -13,6 +13,7 @@ from pathlib import Path
 
 from eval.files import atomic_path, write_json, write_jsonl, write_text
 from eval.metrics import ROUGE_TYPES
+from rag.generators.base import is_greedy
 
 CHART = "rouge_l.png"
 
@@ -143,7 +144,7 @@ def _retrieval_section(summary: dict, name: str) -> list[str]:
 
 def _decoding(config: dict) -> str:
     beams, t = config.get("num_beams", 1), config.get("temperature", 0.0)
-    what = f"beam search, {beams} beams" if beams > 1 else ("greedy" if t < 1e-3 else f"sampled at temperature {t:g}")
+    what = f"beam search, {beams} beams" if beams > 1 else ("greedy" if is_greedy(t) else f"sampled at temperature {t:g}")
     return f"decoding: {what}, up to {config.get('max_new_tokens')} new tokens"
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rag.generators.base import beams_problem
 from server.config import MAX_BEAMS, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K
 
 
@@ -59,8 +60,8 @@ class AnswerRequest(_Question):
 
     @model_validator(mode="after")
     def beams_are_greedy(self):
-        if (self.num_beams or 1) > 1 and (self.temperature or 0) > 0:
-            raise ValueError(f"num_beams={self.num_beams} is beam search, which does not sample: leave temperature unset or 0, or set num_beams 1")
+        if problem := beams_problem(self.num_beams or 1, self.temperature or 0):
+            raise ValueError(problem)
         return self
 
 

@@ -8,6 +8,18 @@ from typing import Protocol
 from aimlqa.settings import UserError
 
 
+def is_greedy(temperature: float) -> bool:
+    """Temperatures this close to 0 overflow the sampler's softmax; they mean greedy anyway."""
+    return temperature < 1e-3
+
+
+def beams_problem(num_beams: int, temperature: float) -> str | None:
+    """Why these settings cannot decode together, or None: beam search does not sample."""
+    if num_beams > 1 and not is_greedy(temperature):
+        return f"num_beams={num_beams} is beam search, which does not sample: set temperature 0 (or leave it unset), or num_beams 1 to sample"
+    return None
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 96
@@ -20,14 +32,13 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        """Temperatures this close to 0 overflow the sampler's softmax; they mean greedy anyway."""
-        return self.temperature < 1e-3
+        return is_greedy(self.temperature)
 
     def __post_init__(self):
         if self.num_beams < 1:
             raise UserError(f"num_beams must be at least 1, not {self.num_beams}")
-        if self.num_beams > 1 and not self.greedy:
-            raise UserError(f"beam search (num_beams={self.num_beams}) is deterministic; set temperature 0, or num_beams 1 to sample")
+        if problem := beams_problem(self.num_beams, self.temperature):
+            raise UserError(problem)
 
 
 @dataclass
@@ -76,7 +87,7 @@ def default_config(spec, template_stop: tuple[str, ...] = (), **overrides) -> Ge
         stop=template_stop,
     )
     given = {k: v for k, v in overrides.items() if v is not None}
-    if given.get("temperature", 0) >= 1e-3 and "num_beams" not in given:
+    if not is_greedy(given.get("temperature", 0)) and "num_beams" not in given:
         given["num_beams"] = 1  # sampling asked for: the model's default beam search gives way
     return GenerationConfig(**fields | given)
 
