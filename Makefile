@@ -29,6 +29,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 bench: install
+	$(PY) bench/agreement.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/generation.py
 	$(PY) bench/finetune.py
