@@ -11,6 +11,7 @@ import typer
 
 def finetune_cmd(
     recipe: str = typer.Argument(..., help="gemma-270m-lora | gpt2-lora | bart-large-xsum | mistral-7b-qlora | llama-3.1-8b-qlora, or a YAML path"),
+    more: Optional[list[Path]] = typer.Argument(None, metavar="FILE", help="More Q&A files, as --data (so `--data a.jsonl b.csv` reads both)"),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Q&A files (default: the shipped data/qa/aiml_qa.jsonl)"),
     context: Optional[str] = typer.Option(None, help="none | rag (retrieval-aware training)"),
     out: Optional[Path] = typer.Option(None, help="Output dir (default: $AIMLQA_HOME/finetuned/NAME)"),
@@ -26,7 +27,8 @@ def finetune_cmd(
     if context:
         overrides.append(f"context={context}")
     r = load_recipe(recipe, overrides)
-    manifest = finetune(r, list(data or [settings.qa_file()]), out, name)
+    files = list(data or []) + list(more or [])
+    manifest = finetune(r, files or [settings.qa_file()], out, name)
     if manifest.get("stopped"):
         typer.echo(f"stopped at step {manifest['step']}; checkpoint {manifest['checkpoint']}; run the same command to resume")
         raise typer.Exit(130)

@@ -285,3 +285,25 @@ def test_top_layers_refused_for_seq2seq(tiny_models):
     recipe = load_recipe("bart-large-xsum", ["method=lora", "lora.target_modules=[q_proj,v_proj]", "lora.top_layers=1"])
     with pytest.raises(UserError, match="decoder-only"):
         load_for_training(spec, recipe)
+
+
+def test_cli_data_takes_several_files(tiny_models, tmp_path, aimlqa_home):
+    """`--data a b` (the documented form) and `--data a --data b` both train on every file."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from aimlqa import cli
+    from rag.registry import register
+
+    register("tiny-gpt2", family="gpt2", base=str(tiny_models["gpt2"]), context_window=256, max_new_tokens=8)
+    a = qa_rows(tmp_path)
+    b = tmp_path / "more.jsonl"
+    b.write_text("".join(json.dumps({"question": f"Why use pooling layer {i}?", "answer": f"Pooling shrinks feature map {i}."}) + "\n" for i in range(12)))
+    cli._mount()
+    args = ["finetune", "gpt2-lora", *[f"--set={s}" for s in FAST + ["model=tiny-gpt2", "lora.target_modules=[c_attn]"]]]
+    ok = CliRunner().invoke(cli.app, args + ["--out", str(tmp_path / "o"), "--name", "two", "--data", str(a), str(b)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["data"] == [str(a), str(b)]
+    missing = CliRunner().invoke(cli.app, args + ["--out", str(tmp_path / "m"), "--data", str(a), "--data", str(tmp_path / "nope.jsonl")])
+    assert isinstance(missing.exception, UserError) and "nope.jsonl: no such Q&A file" in str(missing.exception)
