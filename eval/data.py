@@ -71,8 +71,7 @@ class EvalIndex:
 
     def is_own(self, chunk_id: int, record: QARecord) -> bool:
         """Whether a retrieved chunk is the evaluated question's own Q&A pair."""
-        c = self.retriever.chunks[chunk_id]
-        return c.kind == "qa" and normalise_question(c.section) == record.key
+        return record.owns(self.retriever.chunks[chunk_id])
 
 
 def _index_plan(config: AblationConfig, evalset: EvalSet) -> tuple[list[Path], str | None]:

@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 
 from index.qa import QARecord, records_hash
-from index.text import normalise_question
 from rag.prompts import PromptTemplate, build_example
 
 
@@ -32,16 +31,6 @@ def build_train_index(train: list[QARecord], out: Path, extra_sources=(), embedd
     return Retriever.load(out / "index", embedder=embedder)
 
 
-def is_own_pair(passage, record: QARecord) -> bool:
-    """The record's own Q&A chunk."""
-    return passage.text.startswith("Question:") and normalise_question(passage.section) == record.key
-
-
-def is_oracle(passage, record: QARecord) -> bool:
-    """A passage that holds this record's answer: its own Q&A chunk or one of its gold sections."""
-    return is_own_pair(passage, record) or passage.section_id in record.gold
-
-
 def contexts_for(records: list[QARecord], retriever, k: int, drop_oracle: float, seed: int, mode: str = "dense",
                  drop_own_pair: bool = True) -> list[list[str]]:
     """k passages per record: never its own Q&A pair (unless `drop_own_pair` is off); for a
@@ -50,10 +39,11 @@ def contexts_for(records: list[QARecord], retriever, k: int, drop_oracle: float,
     hits = retriever.search_many([r.question for r in records], k + 3, mode)
     out = []
     for r, h in zip(records, hits):
-        if rng.random() < drop_oracle:
-            h = [p for p in h if not is_oracle(p, r)]
+        own = [r.owns(retriever.chunks[p.chunk_id]) for p in h]
+        if rng.random() < drop_oracle:  # the oracle: its own pair and its gold sections
+            h = [p for p, o in zip(h, own) if not (o or p.section_id in r.gold)]
         elif drop_own_pair:
-            h = [p for p in h if not is_own_pair(p, r)]
+            h = [p for p, o in zip(h, own) if not o]
         out.append([p.text for p in h[:k]])
     return out
 

@@ -37,6 +37,10 @@ class QARecord:
     def key(self) -> str:
         return normalise_question(self.question)
 
+    def owns(self, chunk) -> bool:
+        """Whether an index chunk is this record's own Q&A pair."""
+        return chunk.kind == "qa" and normalise_question(chunk.section) == self.key
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in ("", [], None)}
 
