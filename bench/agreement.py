@@ -79,16 +79,13 @@ def main():
     if not same:
         raise SystemExit(f"no two questions in {args.data} are within cosine {args.threshold}; lower --threshold")
 
+    scores = rouge_per_example([records[b].answer for _, b, _ in pairs], [records[a].answer for a, _, _ in pairs])
+    within = lambda lo, hi=2.0: {t: [v for v, (_, _, s) in zip(scores[t], pairs) if lo <= s < hi] for t in ROUGE_TYPES}
+    agree = within(args.threshold)
     rng = np.random.default_rng(0)
     partners = chance_partners(records, same, rng)
-    agree = rouge_per_example([records[b].answer for _, b, _ in same], [records[a].answer for a, _, _ in same])
     chance = rouge_per_example([records[n].answer for n in partners], [records[a].answer for a, _, _ in same])
-    by_bucket = {}
-    for lo, hi in BUCKETS:
-        sel = [(a, b) for a, b, s in pairs if lo <= s < hi]
-        if sel:
-            r = rouge_per_example([records[b].answer for _, b in sel], [records[a].answer for a, _ in sel])["rougeL"]
-            by_bucket[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = mean_ci(r).to_dict()
+    by_bucket = {f"{lo:.2f}-{min(hi, 1.0):.2f}": mean_ci(r).to_dict() for lo, hi in BUCKETS if (r := within(lo, hi)["rougeL"])}
 
     ceiling, floor = float(np.mean(agree["rougeL"])), float(np.mean(chance["rougeL"]))
     examples = [
