@@ -59,7 +59,7 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto", overrid
     import torch.nn.functional as F
 
     from finetune.data import examples, tokenize
-    from finetune.model import load_for_training
+    from finetune.model import adapter_autocast, load_for_training
     from finetune.recipe import load_recipe
     from finetune.trainer import answer_only_loss, make_collator
     from index.qa import load_qa, select_split
@@ -112,7 +112,8 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto", overrid
             ids = torch.tensor([pad(r) for r in b])
             mask = (ids != tok.pad_token_id).long()
             labels = ids.masked_fill(mask == 0, -100)
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            with adapter_autocast(model):  # the adapters' precision as ours, so only the pipelines differ
+                logits = model(input_ids=ids, attention_mask=mask).logits
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
             n_tok = int(mask.sum())
             step_flops = flops_of(ids.numel(), ids.numel())

@@ -7,7 +7,10 @@ mmap that the kernel faults in and zeroes page by page. Here the logits go into 
 for the process, are turned in place into their gradient (softmax minus one-hot) and multiplied
 back through the weight: the same float32 arithmetic, no large allocation after the first step,
 and only the hidden states' gradient kept for backward. Valid only for a frozen weight (LoRA),
-whose gradient is never formed.
+whose gradient is never formed. The softmax is ATen's fused kernel written over its own input (three
+passes over the logits where max, subtract, exp, sum and divide took five), and the loss is read
+off it as -log p(target); a row whose target probability underflows float32 takes its exact
+log-sum-exp from the bf16 logits instead.
 
 `grad_filter` (Cut Cross-Entropy's gradient filtering, Wijmans et al. 2024): the gradient matmul
 (softmax minus one-hot) x weight is half the layer's FLOPs, yet after softmax almost every word's
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 
 ROWS_BYTES = 256 << 20  # float32 logits per chunk of rows: enough rows that the weight is read rarely
+_TINY = 1e-30  # float32's normal range ends at 1.2e-38
 _scratch: dict[tuple, torch.Tensor] = {}
 
 
@@ -49,12 +53,18 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
                 squashed = _buffer("squashed", (len(h), vocab), torch.float32, h.device)
                 squashed.copy_(z).div_(softcap).tanh_()
                 z.copy_(squashed).mul_(softcap)
-            picked = z.gather(1, y[:, None])
-            top = z.amax(dim=1, keepdim=True)
-            total = z.sub_(top).exp_().sum(dim=1, keepdim=True)
-            loss += (top + total.log() - picked).sum()
-            z.div_(total)  # softmax
-            z[torch.arange(len(y), device=z.device), y] -= 1
+            at = torch.arange(len(y), device=z.device), y
+            picked = z[at]
+            torch.ops.aten._softmax.out(z, 1, False, out=z)  # in place: row max, exp and sum, scale
+            p = z[at]
+            tiny = p < _TINY  # -log(p) loses its digits (or is inf) there: the exact log-sum-exp instead
+            loss -= p[~tiny].log().sum()
+            if tiny.any():
+                rows_z = low[tiny].float()
+                if softcap:
+                    rows_z = torch.tanh(rows_z / softcap) * softcap
+                loss += (rows_z.logsumexp(dim=1) - picked[tiny]).sum()
+            z[at] -= 1
             if softcap:
                 z.mul_(squashed.square_().neg_().add_(1))
             if grad_filter:

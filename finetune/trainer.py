@@ -16,6 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from aimlqa.settings import UserError
 from finetune.loss import linear_cross_entropy
+from finetune.model import adapter_autocast
 
 
 def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: float = 0.0) -> torch.Tensor:
@@ -27,10 +28,11 @@ def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: fl
     labels = batch["labels"]
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hf.config.is_encoder_decoder:
-        out = model(**batch)
-        return out.loss
+        with adapter_autocast(model):
+            return model(**batch).loss
     backbone = getattr(hf, hf.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    with adapter_autocast(model):
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     target = labels[:, 1:]
     mask = target != -100
     cap = getattr(hf.config, "final_logit_softcapping", None)

@@ -94,6 +94,64 @@ def test_frozen_head_cross_entropy_matches_the_plain_one(softcap):
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("softcap", [None, 50.0])
+def test_frozen_head_cross_entropy_is_exact_where_the_target_probability_underflows(softcap):
+    """The loss is read off the in-place softmax as -log p(target); where p underflows float32
+    (a logit gap past ~100) the row falls back to the exact log-sum-exp, so the loss stays finite
+    and equal to F.cross_entropy's."""
+    from finetune.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(12, 16)
+    hidden[::3] *= 200  # every third row: a huge logit gap
+    logits = head(hidden)
+    logits = torch.tanh(logits / softcap) * softcap if softcap else logits
+    target = logits.argmin(dim=1)  # the least likely word
+    probs = logits.softmax(dim=1)
+    assert (probs[torch.arange(12), target][::3] < 1e-30).all()  # those rows' target underflows
+    plain = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    hidden.requires_grad_(True)
+    ours = linear_cross_entropy(hidden, head, target, softcap, rows=5)
+    (g_ours,) = torch.autograd.grad(ours, hidden)
+    assert torch.isfinite(ours) and torch.allclose(ours, plain, rtol=1e-5)
+    assert torch.isfinite(g_ours).all()
+
+
+def test_adapter_autocast_runs_lora_in_bf16_and_keeps_float32_weights(tiny_models, monkeypatch):
+    """Beside a frozen bf16 base on the CPU the adapters' matmuls run in bf16 (no float32 round trip
+    of their inputs), their weights and gradients stay float32, the gradients match peft's float32
+    path to bf16 precision, and peft's own input cast is back on afterwards."""
+    import contextlib
+
+    import finetune.trainer as trainer
+    from finetune.model import load_for_training
+    from rag.registry import ModelSpec
+
+    spec = ModelSpec(name="tiny-gemma3", family="gemma3", base=str(tiny_models["gemma3"]), dtype="bfloat16")
+    model, _, _ = load_for_training(spec, load_recipe("gemma-270m-lora", ["lora.target_modules=[q_proj,v_proj]", "lora.top_layers=2"]))
+    torch.manual_seed(0)
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in lora.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # peft starts B at zero, which would hide the adapters' arithmetic
+    ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 2]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([[-100, -100, -100, -100, 13, 14, 15, 2]])}
+    seen = []
+    a_module = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    a_module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+
+    grads = {"autocast": torch.autograd.grad(trainer.answer_only_loss(model, batch), list(lora.values()))}
+    monkeypatch.setattr(trainer, "adapter_autocast", lambda _model: contextlib.nullcontext())  # peft's float32 path
+    grads["peft"] = torch.autograd.grad(trainer.answer_only_loss(model, batch), list(lora.values()))
+    assert seen == [torch.bfloat16, torch.float32]
+    assert all(p.dtype == torch.float32 for p in lora.values()) and all(g.dtype == torch.float32 for g in grads["autocast"])
+    for a, b in zip(grads["autocast"], grads["peft"]):
+        assert torch.allclose(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_head_gradient_filter_leaves_out_only_columns_below_it(softcap):
     """grad_filter: the loss stays exact; the input gradient is the exact one summed over the columns
