@@ -142,9 +142,10 @@ def write_loss_curve(log_history: list[dict], out: Path) -> None:
 
 
 def resolve_precision(requested: str, cuda: bool) -> str:
-    """Autocast on GPUs: bf16 where supported, else fp16. None on CPU unless asked for: measured on
-    2 AMX cores it gained nothing over float32 (bench/finetune.py --precision), while LoRA's frozen
-    base weights in bf16 (rag.generators.hf.pick_dtype) gained 1.3x."""
+    """Autocast on GPUs: bf16 where supported, else fp16. No whole-model autocast on CPU unless asked
+    for: measured on 2 AMX cores it gained nothing over float32 (bench/finetune.py --precision), while
+    LoRA's frozen base weights in bf16 (rag.generators.hf.pick_dtype) gained 1.3x. The adapters beside
+    such a base run in bf16 anyway (finetune.model.adapter_autocast), whatever this returns."""
     if requested == "auto":
         if cuda:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
