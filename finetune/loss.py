@@ -37,6 +37,11 @@ def _buffer(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch
     return _scratch[key][:n].view(shape)
 
 
+def _soft_capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma's logit soft-cap, out of place (the chunk loop below applies it in place, in buffers)."""
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 class _FrozenLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, softcap, rows, grad_filter):
@@ -60,9 +65,7 @@ class _FrozenLinearCrossEntropy(torch.autograd.Function):
             tiny = p < _TINY  # -log(p) loses its digits (or is inf) there: the exact log-sum-exp instead
             loss -= p[~tiny].log().sum()
             if tiny.any():
-                rows_z = low[tiny].float()
-                if softcap:
-                    rows_z = torch.tanh(rows_z / softcap) * softcap
+                rows_z = _soft_capped(low[tiny].float(), softcap)
                 loss += (rows_z.logsumexp(dim=1) - picked[tiny]).sum()
             z[at] -= 1
             if softcap:
@@ -91,10 +94,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, target: to
     (exact, `grad_filter` unused)."""
     weight = head.weight
     if weight.requires_grad or getattr(head, "bias", None) is not None or not torch.is_grad_enabled():
-        logits = head(hidden).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+        return torch.nn.functional.cross_entropy(_soft_capped(head(hidden).float(), softcap), target, reduction="sum")
     rows = rows or max(1, ROWS_BYTES // (4 * weight.shape[0]))
     with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen here, in place
         return _FrozenLinearCrossEntropy.apply(hidden.contiguous(), weight, target, softcap, rows, grad_filter)

@@ -56,6 +56,11 @@ def load_for_training(spec, recipe):
     return model, tok, f"{recipe.method} (peft)" if recipe.method == "lora" else "full"
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @contextlib.contextmanager
 def adapter_autocast(model):
     """LoRA's float32 adapters computed in bf16 beside a frozen bf16 base on a CPU, as autocast does on a GPU.
@@ -65,7 +70,7 @@ def adapter_autocast(model):
     that cast off, the adapters' matmuls take bf16 copies of their (r x d) weights, while the weights
     and their gradients stay float32 for the optimizer. Elsewhere (a GPU, whose trainer autocasts; a
     float32 base; no adapters) it changes nothing."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = base_model(model)
     if not hasattr(model, "peft_config") or hf.device.type != "cpu" or hf.dtype != torch.bfloat16:
         yield
         return

@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from aimlqa.settings import UserError
 from finetune.loss import linear_cross_entropy
-from finetune.model import adapter_autocast
+from finetune.model import adapter_autocast, base_model
 
 
 def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: float = 0.0) -> torch.Tensor:
@@ -26,7 +26,7 @@ def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: fl
     layer is 168M of its 268M parameters, and only the answer tokens need it.
     """
     labels = batch["labels"]
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = base_model(model)
     if hf.config.is_encoder_decoder:
         with adapter_autocast(model):
             return model(**batch).loss
