@@ -52,8 +52,24 @@ def load_for_training(spec, recipe):
     model, tok = load_model_and_tokenizer(spec, adapter="", trainable=recipe.method == "full")
     if recipe.method == "lora":
         model = get_peft_model(model, lora_config(recipe, model.config))
+    freeze(model, recipe)
     model.train()
     return model, tok, f"{recipe.method} (peft)" if recipe.method == "lora" else "full"
+
+
+def freeze(model, recipe) -> None:
+    """Leave the parameters `recipe.freeze` names out of a full fine-tune; each name must match one."""
+    if not recipe.freeze:
+        return
+    if recipe.method != "full":
+        raise UserError(f"recipe {recipe.name!r}: `freeze` is for method=full ({recipe.method} trains only its adapters); remove it")
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in recipe.freeze:
+        if not any(pattern in n for n in names):
+            raise UserError(f"recipe {recipe.name!r}: freeze {pattern!r} names no parameter of {recipe.model!r}, e.g. {names[0]!r}")
+    for n, p in model.named_parameters():
+        if any(pattern in n for pattern in recipe.freeze):
+            p.requires_grad_(False)
 
 
 def base_model(model):

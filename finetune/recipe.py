@@ -31,6 +31,10 @@ class Recipe(BaseModel):
     base: str | None = None  # override the registry's base (a local dir, e.g. a tiny test model)
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSettings = LoraSettings()
+    # a full fine-tune leaves parameters whose names hold any of these frozen: e.g. Gemma 3 270M's
+    # embed_tokens, 168M of its 268M parameters and tied to the output layer, whose frozen weight then
+    # takes finetune/loss.py's fast cross-entropy
+    freeze: list[str] = []
     epochs: float = Field(3, gt=0)
     max_steps: int = -1
     lr: float = Field(2e-4, gt=0)

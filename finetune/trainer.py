@@ -87,7 +87,9 @@ class QATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = int(num_items_in_batch) if num_items_in_batch is not None else None
-        loss = answer_only_loss(model, inputs, n, self.head_grad_filter)
+        # accelerate autocasts by wrapping model.forward, which answer_only_loss bypasses for the backbone
+        with self.accelerator.autocast():
+            loss = answer_only_loss(model, inputs, n, self.head_grad_filter)
         return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

@@ -365,3 +365,49 @@ def test_cli_data_takes_several_files(tiny_models, tmp_path, aimlqa_home):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["data"] == [str(a), str(b)]
     missing = CliRunner().invoke(cli.app, args + ["--out", str(tmp_path / "m"), "--data", str(a), "--data", str(tmp_path / "nope.jsonl")])
     assert isinstance(missing.exception, UserError) and "nope.jsonl: no such Q&A file" in str(missing.exception)
+
+
+def test_full_recipe_trains_all_but_the_frozen_embeddings_under_bf16_autocast(tiny_models, tmp_path, aimlqa_home, monkeypatch):
+    """gemma-270m-full: the embeddings (tied to the output layer) stay as they were, every other
+    weight moves, and with mixed_precision=bf16 the backbone runs in bf16 on the CPU although the
+    loss calls it outside model.forward, where accelerate's autocast sits."""
+    from transformers import AutoModelForCausalLM
+
+    import finetune.run as run
+    from finetune.model import load_for_training
+    from rag.registry import get_spec, register
+
+    register("tiny-gemma3", family="gemma3", base=str(tiny_models["gemma3"]), context_window=256, max_new_tokens=8)
+    seen = []
+
+    def load_and_watch(spec, recipe):
+        model, tok, how = load_for_training(spec, recipe)
+        model.model.layers[0].mlp.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype) if torch.is_grad_enabled() else None)
+        return model, tok, how
+
+    monkeypatch.setattr(run, "load_for_training", load_and_watch)
+    recipe = load_recipe("gemma-270m-full", FAST + ["model=tiny-gemma3"])
+    assert recipe.method == "full" and recipe.freeze == ["embed_tokens"] and recipe.mixed_precision == "bf16"
+    m = run.finetune(recipe, [qa_rows(tmp_path)], tmp_path / "out", name="tuned-full", progress=False)
+    assert m["steps"] == 3 and seen and set(seen) == {torch.bfloat16}
+    spec = get_spec("tuned-full")
+    assert spec.adapter is None
+    before = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(spec.base).state_dict()
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    unmoved = [k for k in before if k not in ("model.embed_tokens.weight", "lm_head.weight") and torch.equal(before[k], after[k])]
+    assert not unmoved
+
+
+def test_freeze_errors_name_the_fix(tiny_models):
+    from finetune.model import load_for_training
+    from rag.registry import ModelSpec
+
+    spec = ModelSpec(name="tiny-gemma3", family="gemma3", base=str(tiny_models["gemma3"]))
+    with pytest.raises(UserError, match="freeze 'embeddings' names no parameter.*e.g. 'model.embed_tokens.weight'"):
+        load_for_training(spec, load_recipe("gemma-270m-full", ["freeze=[embeddings]"]))
+    with pytest.raises(UserError, match="`freeze` is for method=full"):
+        load_for_training(spec, load_recipe("gemma-270m-lora", ["freeze=[embed_tokens]", "lora.top_layers=1"]))
+    model, _, _ = load_for_training(spec, load_recipe("gemma-270m-full"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" not in trainable and len(trainable) == sum(1 for _ in model.parameters()) - 1
