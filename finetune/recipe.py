@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aimlqa.settings import UserError, read_yaml_mapping
 
@@ -65,6 +65,14 @@ class Recipe(BaseModel):
     head_grad_filter: float = Field(0.0, ge=0, lt=1)
     use_unsloth: bool = True
     gradient_checkpointing: bool = False
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_only_full(cls, value, info):
+        method = info.data.get("method")
+        if value and method != "full":
+            raise ValueError(f"`freeze` is for method=full ({method} trains only its adapters); remove it")
+        return value
 
 
 def _coerce(value: str):
