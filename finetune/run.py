@@ -14,8 +14,10 @@ from finetune.trainer import (
     QATrainer,
     StopOnSignal,
     elapsed,
+    guard_resume,
     last_checkpoint,
     make_collator,
+    output_dir,
     require_rows,
     save_json,
     training_arguments,
@@ -50,8 +52,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
 
     check_hardware(recipe)
     t0 = time.perf_counter()
-    out = Path(out or default_out(recipe))
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out or default_out(recipe))
     name = name or model_name(recipe)
     spec = get_spec(recipe.model)
     if recipe.base:
@@ -59,6 +60,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
     splits = split_records(load_many(data_files), recipe.split_fractions)
     train, val = splits["train"], splits["validation"][: recipe.eval_samples]
     require_rows(train, "training")
+    resume = guard_resume(out, {"recipe": recipe.model_dump(mode="json"), "base": spec.base, "data": data_hashes(splits)})
 
     model, tokenizer, how = load_for_training(spec, recipe)
     retriever = None
@@ -102,7 +104,6 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
         eval_questions=[r.question for r in val],
         eval_references=[r.answer for r in val],
     )
-    resume = last_checkpoint(out)
     stopper.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume)

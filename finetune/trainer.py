@@ -209,6 +209,46 @@ def last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(ck)) if ck.is_dir() else None
 
 
+def output_dir(out: Path) -> Path:
+    """The run's output dir, made if missing; a path that cannot be one is a UserError, not a traceback."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--out {out}: a file of that name exists; pass a directory path") from None
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror}); pass a writable directory") from None
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    items = {}
+    for k, v in d.items():
+        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return items
+
+
+def guard_resume(out: Path, run: dict) -> str | None:
+    """The checkpoint to resume from, only if it came from this very run (recipe, base and data).
+
+    Resuming another run's checkpoint would load its optimizer and schedule under new settings or
+    new data and mix the two without a word; so a difference is refused, naming what changed."""
+    path = out / "checkpoints" / "run.json"
+    checkpoint = last_checkpoint(out)
+    if checkpoint and path.is_file():
+        before = _flat(json.loads(path.read_text()))
+        now = _flat(json.loads(json.dumps(run)))
+        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+        if changed:
+            raise UserError(
+                f"{out} holds checkpoints of a stopped run with other settings ({'; '.join(changed[:6])}); "
+                f"run the same command as before to resume it, or pass another --out (or delete {out / 'checkpoints'}) to start afresh"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_json(path, run)
+    return checkpoint
+
+
 def save_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))

@@ -273,6 +273,16 @@ def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monk
     assert last_checkpoint(out).endswith("checkpoint-2") and not (out / "adapter").exists()
     assert signal.getsignal(signal.SIGINT) is handler_before  # the caller's handler is restored
 
+    # another run's settings or data must not pick up these checkpoints
+    changed = recipe.model_copy(update={"lr": recipe.lr * 2})
+    with pytest.raises(UserError, match=r"other settings \(recipe\.lr: 0\.0002 -> 0\.0004\).*another --out"):
+        finetune(changed, data, out, name="r", progress=False)
+    more = tmp_path / "more.jsonl"
+    more.write_text(data[0].read_text().replace("course topic", "topic of the course"))
+    with pytest.raises(UserError, match=r"data\.train: '\w+' -> '\w+'"):
+        finetune(recipe, [more], out, name="r", progress=False)
+    assert last_checkpoint(out).endswith("checkpoint-2")
+
     monkeypatch.setattr(StopOnSignal, "on_step_end", original_step_end)
     seen = {}
     original_train = run_mod.QATrainer.train
@@ -284,6 +294,15 @@ def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monk
     monkeypatch.setattr(run_mod.QATrainer, "train", spy)
     resumed = finetune(recipe, data, out, name="r", progress=False)
     assert seen["resume"].endswith("checkpoint-2") and resumed["steps"] == 4 and (out / "adapter").is_dir()
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, aimlqa_home):
+    from finetune.run import finetune
+
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(UserError, match="a file of that name exists; pass a directory path"):
+        finetune(load_recipe("gpt2-lora"), [qa_rows(tmp_path)], tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "not a directory"
 
 
 def test_qlora_refused_without_cuda(monkeypatch, tmp_path, aimlqa_home):
