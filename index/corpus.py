@@ -107,8 +107,10 @@ def iter_files(sources: Iterable[str | Path]) -> Iterable[tuple[Path, Path]]:
             files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in PROSE_SUFFIXES | QA_SUFFIXES)
             if not files:
                 raise UserError(f"{src}: no .md, .txt, .pdf, .csv or .jsonl files in this directory")
+            # an index built inside its own sources (`index build notes --out notes/idx`) is not material
+            indexes = {m.parent for m in src.rglob("manifest.json") if (m.parent / "index.faiss").is_file()}
             for p in files:
-                if not any(part.startswith(".") for part in p.relative_to(src).parts):
+                if not any(part.startswith(".") for part in p.relative_to(src).parts) and indexes.isdisjoint(p.parents):
                     yield p, src
         elif src.is_file():
             if src.suffix.lower() not in PROSE_SUFFIXES | QA_SUFFIXES:

@@ -136,11 +136,12 @@ class Retriever:
 def build_index(sources, out: str | Path, config=None, force: bool = False, progress: bool = True, embedder: Embedder | None = None) -> tuple[dict, bool]:
     """Build (or skip, when the corpus and settings are unchanged) an index; returns (manifest, built)."""
     from index.corpus import load_corpus
-    from index.store import BuildConfig, write_index
+    from index.store import BuildConfig, check_replaceable, write_index
 
     config = config or BuildConfig()
     config.check()
     out = Path(out)
+    check_replaceable(out)  # before minutes of embedding
     embedder = embedder or Embedder(config.embed_model)
     chunks, corpus_hash = load_corpus(sources, config.chunk_size, config.chunk_overlap, embedder.tokenize, config.qa_split)
     if not force and (out / "manifest.json").is_file():

@@ -72,10 +72,21 @@ def versions() -> dict:
     return out
 
 
+def check_replaceable(out: Path) -> None:
+    """A build replaces `out` whole: refuse unless it is absent, an empty dir or an index already,
+    so that `--out` pointing at a file or at a folder of notes never deletes them."""
+    out = Path(out)
+    if not out.exists() or (out / "manifest.json").is_file() or (out.is_dir() and not any(out.iterdir())):
+        return
+    what = "a file" if not out.is_dir() else "a folder that is not an index (no manifest.json)"
+    raise UserError(f"--out {out} is {what}; a build replaces its --out whole, so pass a new path or an existing index dir")
+
+
 def write_index(out: Path, chunks: list[Chunk], vectors: np.ndarray, bm25, config: BuildConfig, corpus_hash: str, dim: int) -> dict:
     import faiss
 
     out = Path(out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
     old = out.parent / f".{out.name}.old"

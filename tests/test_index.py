@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,27 @@ def test_interrupted_build_keeps_old_index(tmp_path, course_dir, embedder, monke
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary dirs left behind
     assert Retriever.load(out, embedder=embedder).manifest["chunk_size"] == 64
+
+
+def test_build_never_replaces_a_file_or_a_folder_that_is_not_an_index(tmp_path, course_dir, embedder):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.md").write_text("# Mine\n\nNot an index.")
+    taken = tmp_path / "taken.txt"
+    taken.write_text("keep me")
+    for out, what in ((notes, "a folder that is not an index"), (taken, "a file")):
+        with pytest.raises(UserError, match=f"--out {re.escape(str(out))} is {what}.*; .*pass a new path or an existing index dir"):
+            build_index([course_dir], out, BuildConfig(chunk_size=64, chunk_overlap=8), progress=False, embedder=embedder)
+    assert (notes / "mine.md").read_text() == "# Mine\n\nNot an index." and taken.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "taken.txt"]
+    inside = notes / "idx"  # built inside its own sources: a rebuild does not read the index as notes
+    build_index([notes], inside, BuildConfig(chunk_size=64, chunk_overlap=8), progress=False, embedder=embedder)
+    (notes / "more.md").write_text("# More\n\nMomentum accumulates past gradients.")
+    m, built = build_index([notes], inside, BuildConfig(chunk_size=64, chunk_overlap=8), progress=False, embedder=embedder)
+    assert built and m["n_sources"] == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert build_index([course_dir], empty, BuildConfig(chunk_size=64, chunk_overlap=8), progress=False, embedder=embedder)[1]
 
 
 def run_cli(*args, env=None):
