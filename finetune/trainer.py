@@ -209,9 +209,15 @@ def last_checkpoint(out: Path) -> str | None:
     return get_last_checkpoint(str(ck)) if ck.is_dir() else None
 
 
+RUN_MARKS = ("manifest.json", "checkpoints", "loss.csv", "train_index")  # what only a run writes
+
+
 def output_dir(out: Path) -> Path:
-    """The run's output dir, made if missing; a path that cannot be one is a UserError, not a traceback."""
+    """The run's output dir, made if missing. A run replaces its adapter/model and checkpoints there,
+    so a folder holding anything else (not a run's output) is refused rather than written into."""
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in RUN_MARKS):
+        raise UserError(f"--out {out} holds other files, not a fine-tuning run's output; pass a new or empty directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

@@ -303,6 +303,11 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, aimlqa_home):
     with pytest.raises(UserError, match="a file of that name exists; pass a directory path"):
         finetune(load_recipe("gpt2-lora"), [qa_rows(tmp_path)], tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "not a directory"
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)  # a user's folder: its model/ must not be replaced by a full fine-tune
+    with pytest.raises(UserError, match="holds other files, not a fine-tuning run's output; pass a new or empty directory"):
+        finetune(load_recipe("gpt2-lora"), [qa_rows(tmp_path)], mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["model"]
 
 
 def test_qlora_refused_without_cuda(monkeypatch, tmp_path, aimlqa_home):
