@@ -68,7 +68,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
     if recipe.context == "rag":
         corpus = [settings.course_dir()] if corpus is None else list(corpus)
         retriever = build_train_index(train, out / "train_index", corpus, progress=progress)
-        contexts = contexts_for(train, retriever, recipe.rag_k, recipe.drop_oracle, recipe.seed, drop_own_pair=recipe.drop_own_pair)
+        contexts = contexts_for(train, retriever, recipe.rag_k, recipe.drop_oracle, recipe.seed, recipe.rag_mode, recipe.drop_own_pair)
     rows = tokenize(examples(train, template_for(spec.family), tokenizer, recipe.max_length, contexts), tokenizer, recipe.max_length, spec.seq2seq)
     n_answer_tokens = sum(sum(t != -100 for t in r["labels"]) for r in rows)
     n_tokens = sum(len(r["input_ids"]) for r in rows)
@@ -81,7 +81,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
         generator = TransformersGenerator(spec, model=m, tokenizer=gen_tokenizer)
 
         def generate(questions):
-            answerer = Answerer(spec, retriever, generator=generator)
+            answerer = Answerer(spec, retriever, generator=generator, mode=recipe.rag_mode)
             texts = []
             for i in range(0, len(questions), 16):
                 batch = answerer.answer_many(questions[i : i + 16], rag=retriever is not None, k=recipe.rag_k, max_new_tokens=recipe.max_new_tokens)

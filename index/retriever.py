@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aimlqa.settings import UserError
+from aimlqa.settings import DEFAULT_MODE, UserError
 from index.corpus import Chunk
 from index.embed import Embedder
 from index.store import manifest_hash, read_manifest
@@ -80,10 +80,10 @@ class Retriever:
     def manifest_hash(self) -> str:
         return manifest_hash(self.manifest)
 
-    def search(self, query: str, k: int = 5, mode: str = "dense") -> list[Passage]:
+    def search(self, query: str, k: int = 5, mode: str = DEFAULT_MODE) -> list[Passage]:
         return self.search_many([query], k, mode)[0]
 
-    def search_many(self, queries: list[str], k: int = 5, mode: str = "dense") -> list[list[Passage]]:
+    def search_many(self, queries: list[str], k: int = 5, mode: str = DEFAULT_MODE) -> list[list[Passage]]:
         if mode not in MODES:
             raise UserError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
         if k < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from aimlqa.settings import UserError
+from aimlqa.settings import DEFAULT_MODE, UserError
 from rag.generators.base import default_config
 from rag.postprocess import clean_answer
 from rag.prompts import build_prompt, template_for
@@ -41,7 +41,7 @@ class Answer:
 class Answerer:
     """Answers questions with one model, grounded in a retriever when one is given and rag is on."""
 
-    def __init__(self, spec, retriever=None, generator=None, mode: str = "dense"):
+    def __init__(self, spec, retriever=None, generator=None, mode: str = DEFAULT_MODE):
         self.spec = spec
         self.retriever = retriever
         self.mode = mode

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from aimlqa.settings import DEFAULT_MODE
+
 
 def open_retriever(index: Optional[Path], required: bool = False):
     """The given index, else the default one if it exists; None when there is none and it is optional."""
@@ -29,7 +31,7 @@ def ask(
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground the answer in retrieved passages"),
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course)"),
-    mode: str = typer.Option("dense", help="Retrieval: dense | bm25 | hybrid"),
+    mode: str = typer.Option(DEFAULT_MODE, help="Retrieval: dense | bm25 | hybrid (reciprocal-rank fusion of the two)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit"),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=16, help="Beam search width (default: the model's; 1 = greedy)"),
