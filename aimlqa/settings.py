@@ -39,6 +39,18 @@ class UserError(Exception):
     """A problem with the user's input: shown as one clear line, never as a traceback."""
 
 
+def ensure_dir(path: Path, flag: str = "--out") -> Path:
+    """An output directory, made if missing, checked before the work whose results go there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{flag} {path}: a file of that name exists; pass a directory path") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); pass a writable directory") from None
+    return path
+
+
 def read_yaml_mapping(path: Path, expected: str) -> dict:
     """A YAML file that must hold a mapping; bad YAML or another shape is a UserError naming the file."""
     import yaml

@@ -320,10 +320,10 @@ def run_ablation(config: AblationConfig, progress: bool = True, embedder=None) -
         import torch
 
         torch.set_num_threads(config.threads)
+    out = settings.ensure_dir(Path(config.out or settings.home() / "eval" / "runs" / config.name))  # before the work
     plan = prepare(config, embedder, progress)
     rows = generate(plan, progress)
     summary, predictions = summarise(plan, rows)
     summary["run"].update(started=started, finished=provenance.now(), wall_s=round(time.perf_counter() - t0, 1))
-    out = Path(config.out or settings.home() / "eval" / "runs" / config.name)
     write_outputs(summary, predictions, out)
     return summary, out

@@ -14,7 +14,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from aimlqa.settings import UserError
+from aimlqa.settings import UserError, ensure_dir
 from finetune.loss import linear_cross_entropy
 from finetune.model import adapter_autocast, base_model
 
@@ -218,13 +218,7 @@ def output_dir(out: Path) -> Path:
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in RUN_MARKS):
         raise UserError(f"--out {out} holds other files, not a fine-tuning run's output; pass a new or empty directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"--out {out}: a file of that name exists; pass a directory path") from None
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create it ({e.strerror}); pass a writable directory") from None
-    return out
+    return ensure_dir(out)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -366,3 +366,10 @@ def test_cli_score_one_cell(aimlqa_home, tmp_path, tiny_models, tiny_adapter, te
     assert [c["id"] for c in summary["cells"]] == ["ten/tiny-base/plain"] and summary["datasets"]["ten"]["n"] == 3
     bad = CliRunner().invoke(cli.app, ["eval", "score", "--qa", str(ten_qa), "--model", "tiny-base", "--mode", "fuzzy", "--no-progress"])
     assert bad.exit_code != 0 and isinstance(bad.exception, UserError) and "mode" in str(bad.exception)
+    # an --out that cannot hold the results is refused before any answer is generated
+    import eval.ablation as ablation
+
+    (tmp_path / "taken").write_text("x")
+    monkeypatch.setattr(ablation, "prepare", lambda *a, **k: pytest.fail("generated before checking --out"))
+    taken = CliRunner().invoke(cli.app, ["eval", "score", "--qa", str(ten_qa), "--model", "tiny-base", "--no-rag", "--out", str(tmp_path / "taken"), "--no-progress"])
+    assert isinstance(taken.exception, UserError) and "a file of that name exists" in str(taken.exception)
