@@ -7,9 +7,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Retrieval for grounded answers, in serving, evaluation and retrieval-aware training alike: FAISS and
-# BM25 fused by reciprocal rank. It grounded every model better than dense search alone in the
-# ablation (bench/results/ablation/report.md) and costs about 1.3 ms more per query.
+# Retrieval for grounded answers (serving, evaluation, validation while fine-tuning): FAISS and BM25
+# fused by reciprocal rank. It ranks the right passage higher than FAISS alone (bench/retrieval.py:
+# gold-section MRR 0.844 against 0.793, group18 own-answer MRR 0.722 against 0.710) for about 1.3 ms
+# more a query, and the answers grounded in it are level: ROUGE-L at k=3 on the validation questions
+# (2026-12-02), gemma-270m +0.035 on aiml_qa (p = 0.05) and -0.007 on group18, the retrieval-aware
+# adapter +0.009 and -0.005 (p >= 0.47).
 DEFAULT_MODE = "hybrid"
 
 

@@ -15,7 +15,6 @@ import json
 import random
 from pathlib import Path
 
-from aimlqa.settings import DEFAULT_MODE
 from index.qa import QARecord, records_hash
 from rag.prompts import PromptTemplate, build_example
 
@@ -32,7 +31,7 @@ def build_train_index(train: list[QARecord], out: Path, extra_sources=(), embedd
     return Retriever.load(out / "index", embedder=embedder)
 
 
-def contexts_for(records: list[QARecord], retriever, k: int, drop_oracle: float, seed: int, mode: str = DEFAULT_MODE,
+def contexts_for(records: list[QARecord], retriever, k: int, drop_oracle: float, seed: int, mode: str = "dense",
                  drop_own_pair: bool = True) -> list[list[str]]:
     """k passages per record: never its own Q&A pair (unless `drop_own_pair` is off); for a
     `drop_oracle` share of records no passage that holds the answer."""

@@ -81,7 +81,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
         generator = TransformersGenerator(spec, model=m, tokenizer=gen_tokenizer)
 
         def generate(questions):
-            answerer = Answerer(spec, retriever, generator=generator, mode=recipe.rag_mode)
+            answerer = Answerer(spec, retriever, generator=generator)  # retrieving as served
             texts = []
             for i in range(0, len(questions), 16):
                 batch = answerer.answer_many(questions[i : i + 16], rag=retriever is not None, k=recipe.rag_k, max_new_tokens=recipe.max_new_tokens)

@@ -245,14 +245,14 @@ def test_raft_contexts_train_split_only_own_pair_left_out_and_drop_oracle(tmp_pa
     holds = lambda c: any("sets each activation to zero" in p for p in c[0])
     assert holds(contexts_for(gold, retriever, 3, drop_oracle=0.0, seed=1))
     assert not holds(contexts_for(gold, retriever, 3, drop_oracle=1.0, seed=1))
-    # training contexts come from the ranking the recipe names (by default the served one, hybrid)
+    # training contexts come from the ranking the recipe names (dense by default; answers are served hybrid)
     by_mode = {}
     for mode in ("dense", "bm25", "hybrid"):
         ranked = [[p.text for p in h if not r.owns(retriever.chunks[p.chunk_id])][:2] for r, h in zip(train, retriever.search_many([r.question for r in train], 5, mode))]
         by_mode[mode] = contexts_for(train, retriever, 2, drop_oracle=0.0, seed=1, mode=mode)
         assert by_mode[mode] == ranked
     assert by_mode["dense"] != by_mode["bm25"]  # the three rankings differ here, so the mode is what chose
-    assert load_recipe("gemma-270m-lora").rag_mode == "hybrid"
+    assert load_recipe("gemma-270m-lora").rag_mode == "dense"
 
 
 def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monkeypatch):
