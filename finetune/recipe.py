@@ -57,10 +57,10 @@ class Recipe(BaseModel):
     # answer is removed (finetune/data.py).
     context: Literal["none", "rag"] = "none"
     rag_k: int = Field(3, ge=1)
-    # how the training contexts are retrieved. Dense, though answers are served with hybrid retrieval:
-    # BM25 ranks other writers' versions of the example's own question higher, and an adapter trained on
-    # hybrid contexts read ROUGE-L 0.283 against 0.298 on the 89 group18 validation questions, served
-    # hybrid (-0.015 [-0.034, +0.001], p = 0.08; 2026-12-02). Validation answers are retrieved as served.
+    # how the training contexts are retrieved. Dense, though answers are served with hybrid retrieval: an
+    # adapter trained on hybrid contexts read ROUGE-L 0.283 against 0.298 on the 89 group18 validation
+    # questions, both served hybrid (-0.015 [-0.034, +0.001], p = 0.08; 2026-12-02). Validation answers
+    # are retrieved as served.
     rag_mode: Literal["dense", "bm25", "hybrid"] = "dense"
     drop_oracle: float = Field(0.5, ge=0, le=1)
     drop_own_pair: bool = True
