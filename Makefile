@@ -5,7 +5,8 @@ AIMLQA  := $(VENV)/bin/aimlqa
 STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
-INDEX   ?= $(or $(AIMLQA_INDEX),$(HOME)/.cache/aimlqa/indexes/course)
+# the index `aimlqa ask` and `aimlqa serve` find by default (aimlqa.settings.default_index_dir)
+INDEX   ?= $(or $(AIMLQA_INDEX),$(or $(AIMLQA_HOME),$(HOME)/.cache/aimlqa)/indexes/course)
 
 .PHONY: install index run test bench clean
 

@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # more a query, and the answers grounded in it are level: ROUGE-L at k=3 on the validation questions
 # (2026-12-02), gemma-270m +0.035 on aiml_qa (p = 0.05) and -0.007 on group18, the retrieval-aware
 # adapter +0.009 and -0.005 (p >= 0.47).
+MODES = ("dense", "bm25", "hybrid")
 DEFAULT_MODE = "hybrid"
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from aimlqa.settings import DEFAULT_MODE
+from aimlqa.options import mode_option
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -36,7 +36,7 @@ def score(
     model: str = typer.Option(..., "--model", "-m", help="A registered model (see `aimlqa models`)"),
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground answers in retrieved passages"),
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
-    mode: str = typer.Option(DEFAULT_MODE, help="Retrieval: dense | bm25 | hybrid (reciprocal-rank fusion of the two)"),
+    mode: str = mode_option(),
     index: Optional[Path] = typer.Option(None, help="A built index (default: build one from the course notes and the file's training split)"),
     allow_leak: bool = typer.Option(False, "--allow-leak", help="Accept an index that holds evaluated pairs (the report flags it)"),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N questions of the split"),

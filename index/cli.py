@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from aimlqa.settings import DEFAULT_MODE
+from aimlqa.options import mode_option
 from index.store import INDEX_TYPES, BuildConfig, read_manifest
 
 app = typer.Typer(no_args_is_help=True)
@@ -49,7 +49,7 @@ def search(
     path: Path,
     query: str,
     k: int = typer.Option(5, "-k", help="Number of passages"),
-    mode: str = typer.Option(DEFAULT_MODE, help="Retrieval: dense | bm25 | hybrid (reciprocal-rank fusion of the two)"),
+    mode: str = mode_option(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON"),
 ):
     """Search an index and print the top passages."""

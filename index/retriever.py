@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aimlqa.settings import DEFAULT_MODE, UserError
+from aimlqa.settings import DEFAULT_MODE, MODES, UserError
 from index.corpus import Chunk
 from index.embed import Embedder
 from index.store import manifest_hash, read_manifest
 
-MODES = ("dense", "bm25", "hybrid")
 RRF_K = 60
 
 

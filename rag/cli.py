@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from aimlqa.settings import DEFAULT_MODE
+from aimlqa.options import mode_option
 
 
 def open_retriever(index: Optional[Path], required: bool = False):
@@ -31,18 +31,22 @@ def ask(
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground the answer in retrieved passages"),
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course)"),
-    mode: str = typer.Option(DEFAULT_MODE, help="Retrieval: dense | bm25 | hybrid (reciprocal-rank fusion of the two)"),
+    mode: str = mode_option(),
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit"),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=16, help="Beam search width (default: the model's; 1 = greedy)"),
     as_json: bool = typer.Option(False, "--json", help="Print the whole answer as JSON"),
 ):
     """Answer one question with a registered model, showing its sources."""
+    from aimlqa import settings
     from rag.answer import Answerer
     from rag.registry import get_spec
 
     spec = get_spec(model)
     retriever = open_retriever(index, required=spec.backend == "retrieval" or (rag and index is not None)) if rag or spec.backend == "retrieval" else None
+    if rag and retriever is None:
+        typer.secho(f"note: no index at {settings.default_index_dir()}, so this answer is not grounded; "
+                    "build one with `make index`, or pass --index DIR (or --no-rag)", fg=typer.colors.YELLOW, err=True)
     answer = Answerer(spec, retriever, mode=mode).answer(question, rag=rag, k=k, max_new_tokens=max_new_tokens, temperature=temperature, num_beams=beams)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))

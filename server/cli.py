@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from aimlqa.settings import DEFAULT_MODE
+from aimlqa.options import mode_option
 
 
 def serve(
@@ -16,7 +16,7 @@ def serve(
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course); without one, answers are not grounded"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(8000, help="Port to listen on"),
-    mode: str = typer.Option(DEFAULT_MODE, help="Retrieval: dense | bm25 | hybrid (reciprocal-rank fusion of the two)"),
+    mode: str = mode_option(),
     max_batch_size: int = typer.Option(8, min=1, max=256, help="Questions per generate call"),
     max_wait_ms: float = typer.Option(10.0, min=0, help="How long a request waits for others to batch with"),
     queue_size: int = typer.Option(256, min=1, help="Requests waiting per model before 503 + Retry-After"),

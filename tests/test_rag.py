@@ -316,3 +316,23 @@ def test_real_embedded_model_answers(retriever):
     a = Answerer(get_spec("gemma-270m"), retriever).answer("What does dropout do during training?", k=2, max_new_tokens=40)
     assert a.rag and len(a.sources) == 2 and a.completion_tokens > 0
     assert len(a.text.split()) >= 3 and a.text.count(a.text[:20]) == 1
+
+
+def test_ask_says_when_an_answer_is_not_grounded_and_checks_the_mode(tiny_models, aimlqa_home):
+    from typer.testing import CliRunner
+
+    from aimlqa import cli
+    from rag.registry import register
+
+    register("tiny-gpt2", family="gpt2", base=str(tiny_models["gpt2"]), context_window=256, max_new_tokens=4)
+    cli._mount()
+    plain = CliRunner().invoke(cli.app, ["ask", "What is dropout?", "--model", "tiny-gpt2"])  # no index in AIMLQA_HOME
+    assert plain.exit_code == 0, plain.output
+    assert "no index at" in plain.output and "is not grounded" in plain.output and "rag=off" in plain.output
+    assert "not grounded" not in CliRunner().invoke(cli.app, ["ask", "What is dropout?", "--model", "tiny-gpt2", "--no-rag"]).output
+    # a bad --mode is refused when the command line is read, index or not; and by the Answerer itself
+    for command in (["ask", "What is dropout?", "--model", "tiny-gpt2"], ["serve"], ["index", "search", "idx", "q"]):
+        bad = CliRunner().invoke(cli.app, [*command, "--mode", "fuzzy"])
+        assert bad.exit_code == 2 and "Invalid value for '--mode': 'fuzzy' is not one of dense, bm25, hybrid" in bad.output
+    with pytest.raises(UserError, match="unknown retrieval mode 'fuzzy'"):
+        Answerer(tiny_spec("gpt2", tiny_models["gpt2"]), mode="fuzzy")
