@@ -43,13 +43,23 @@ class UserError(Exception):
     """A problem with the user's input: shown as one clear line, never as a traceback."""
 
 
-def ensure_dir(path: Path, flag: str = "--out") -> Path:
-    """An output directory, made if missing, checked before the work whose results go there."""
+def check_out_dir(path: Path, flag: str = "--out") -> Path:
+    """An output directory that can be made or written, checked before the work whose results go there
+    and without making it, so that a stopped run leaves no trace."""
     path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file; pass a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable; pass a writable directory")
+    return path
+
+
+def ensure_dir(path: Path, flag: str = "--out") -> Path:
+    """An output directory, made if missing."""
+    path = check_out_dir(path, flag)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{flag} {path}: a file of that name exists; pass a directory path") from None
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot create it ({e.strerror}); pass a writable directory") from None
     return path

@@ -320,7 +320,7 @@ def run_ablation(config: AblationConfig, progress: bool = True, embedder=None) -
         import torch
 
         torch.set_num_threads(config.threads)
-    out = settings.ensure_dir(Path(config.out or settings.home() / "eval" / "runs" / config.name))  # before the work
+    out = settings.check_out_dir(Path(config.out or settings.home() / "eval" / "runs" / config.name))  # before the work
     plan = prepare(config, embedder, progress)
     rows = generate(plan, progress)
     summary, predictions = summarise(plan, rows)

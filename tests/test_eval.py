@@ -372,4 +372,4 @@ def test_cli_score_one_cell(aimlqa_home, tmp_path, tiny_models, tiny_adapter, te
     (tmp_path / "taken").write_text("x")
     monkeypatch.setattr(ablation, "prepare", lambda *a, **k: pytest.fail("generated before checking --out"))
     taken = CliRunner().invoke(cli.app, ["eval", "score", "--qa", str(ten_qa), "--model", "tiny-base", "--no-rag", "--out", str(tmp_path / "taken"), "--no-progress"])
-    assert isinstance(taken.exception, UserError) and "a file of that name exists" in str(taken.exception)
+    assert isinstance(taken.exception, UserError) and "taken is a file; pass a directory path" in str(taken.exception)

@@ -308,7 +308,7 @@ def test_out_that_is_a_file_is_a_clear_error(tmp_path, aimlqa_home):
     from finetune.run import finetune
 
     (tmp_path / "taken").write_text("not a directory")
-    with pytest.raises(UserError, match="a file of that name exists; pass a directory path"):
+    with pytest.raises(UserError, match="taken is a file; pass a directory path"):
         finetune(load_recipe("gpt2-lora"), [qa_rows(tmp_path)], tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "not a directory"
     mine = tmp_path / "mine"
