@@ -240,8 +240,9 @@ def guard_resume(out: Path, run: dict) -> str | None:
         now = _flat(json.loads(json.dumps(run)))
         changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
         if changed:
+            more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
             raise UserError(
-                f"{out} holds checkpoints of a stopped run with other settings ({'; '.join(changed[:6])}); "
+                f"{out} holds checkpoints of a stopped run with other settings ({'; '.join(changed[:6])}{more}); "
                 f"run the same command as before to resume it, or pass another --out (or delete {out / 'checkpoints'}) to start afresh"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
