@@ -7,19 +7,9 @@ import torch
 
 from aimlqa.settings import UserError
 from finetune.recipe import load_recipe
-from tests.tiny import FAMILIES
+from tests.tiny import FAMILIES, FAST, qa_rows
 
 RECIPE_OF = {"gpt2": "gpt2-lora", "bart": "bart-large-xsum", "mistral": "gpt2-lora", "llama": "gpt2-lora", "gemma3": "gemma-270m-lora"}
-FAST = ["epochs=1", "max_steps=3", "batch_size=2", "grad_accum=1", "eval_every=2", "eval_samples=2", "max_new_tokens=4", "max_length=96"]
-
-
-def qa_rows(tmp_path, n=24):
-    import json
-
-    path = tmp_path / "qa.jsonl"
-    topics = ["dropout", "gradient descent", "convolution", "pooling", "attention", "overfitting"]
-    path.write_text("".join(json.dumps({"question": f"What is {t} number {i}?", "answer": f"{t.capitalize()} is a course topic {i}."}) + "\n" for i in range(n) for t in topics[:1]))
-    return path
 
 
 @pytest.mark.parametrize("family", FAMILIES)

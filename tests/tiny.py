@@ -68,3 +68,17 @@ def tiny_spec(family: str, path: Path, **fields):
 
     fields = {"dtype": "float32"} | fields
     return ModelSpec(name=f"tiny-{family}", family=family, base=str(path), context_window=256, max_new_tokens=12, **fields)
+
+
+# a fine-tuning run in seconds: a few steps, tiny batches and lengths
+FAST = ["epochs=1", "max_steps=3", "batch_size=2", "grad_accum=1", "eval_every=2", "eval_samples=2", "max_new_tokens=4", "max_length=96"]
+
+
+def qa_rows(tmp_path, n=24):
+    """A small Q&A file for fine-tuning runs."""
+    import json
+
+    path = tmp_path / "qa.jsonl"
+    topics = ["dropout", "gradient descent", "convolution", "pooling", "attention", "overfitting"]
+    path.write_text("".join(json.dumps({"question": f"What is {t} number {i}?", "answer": f"{t.capitalize()} is a course topic {i}."}) + "\n" for i in range(n) for t in topics[:1]))
+    return path
