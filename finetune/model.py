@@ -108,16 +108,10 @@ def _load_qlora(spec, recipe):
         how = "qlora (unsloth)"
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
-        )
-        tok = AutoTokenizer.from_pretrained(spec.base)
-        model = AutoModelForCausalLM.from_pretrained(spec.base, quantization_config=quant, device_map={"": 0})
+        from rag.generators.hf import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(spec.model_copy(update={"load_in_4bit": True}), device="cuda", adapter="", trainable=True)
         model = prepare_model_for_kbit_training(model)
         model = get_peft_model(model, lora_config(recipe, model.config))
         how = "qlora (peft + bitsandbytes)"

@@ -34,6 +34,19 @@ def pick_dtype(device: str, trainable: bool = False, requested: str = "auto") ->
     return torch.bfloat16 if not trainable and cpu_has_fast_bf16() else torch.float32
 
 
+def bnb_4bit_config():
+    """NF4 with double quantization and bf16 (else fp16) compute: the QLoRA settings, for training
+    (finetune.model) and serving alike. A pre-quantized checkpoint's own config takes precedence."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+
+
 class StopOnStrings:
     """Stops each row once its generated text holds a stop sequence. transformers' own
     `stop_strings` precomputes tables over the whole vocabulary and costs a third of a
@@ -63,9 +76,11 @@ def load_model_and_tokenizer(spec, device: str | None = None, adapter: str | Non
         )
     base = resolve_base(spec.base)
     cls = AutoModelForSeq2SeqLM if spec.seq2seq else AutoModelForCausalLM
+    # a 4-bit base is quantized as it loads, onto its GPU (bitsandbytes weights are placed, not moved)
+    quant = dict(quantization_config=bnb_4bit_config(), device_map={"": torch.device(device).index or 0}) if spec.load_in_4bit else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = cls.from_pretrained(base, dtype=pick_dtype(device, trainable, spec.dtype))
+        model = cls.from_pretrained(base, dtype=pick_dtype(device, trainable, spec.dtype), **quant)
     except OSError as e:
         raise UserError(
             f"cannot load model {spec.name!r} from {base!r}: {str(e).splitlines()[0]} "
@@ -82,7 +97,8 @@ def load_model_and_tokenizer(spec, device: str | None = None, adapter: str | Non
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
         if merge:
             model = model.merge_and_unload()
-    model.to(device)
+    if not spec.load_in_4bit:
+        model.to(device)
     if not trainable:
         model.eval()
     head = model.get_output_embeddings()
