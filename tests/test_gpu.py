@@ -16,8 +16,17 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """A tiny llama with head size 64: GPU attention kernels (vLLM's, Unsloth's) may not take the
+    usual tiny model's 16."""
+    from tests.tiny import build_tiny
+
+    return build_tiny("llama", tmp_path_factory.mktemp("llama64"), hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=64)
+
+
 @pytest.mark.parametrize("use_unsloth", [False, True], ids=["peft+bitsandbytes", "unsloth"])
-def test_qlora_recipe_trains_a_4bit_base_saves_and_answers(use_unsloth, tiny_models, tmp_path, aimlqa_home):
+def test_qlora_recipe_trains_a_4bit_base_saves_and_answers(use_unsloth, llama64, tmp_path, aimlqa_home):
     pytest.importorskip("bitsandbytes")
     if use_unsloth:
         pytest.importorskip("unsloth")
@@ -25,7 +34,7 @@ def test_qlora_recipe_trains_a_4bit_base_saves_and_answers(use_unsloth, tiny_mod
     from rag.answer import Answerer
     from rag.registry import get_spec, register
 
-    register("tiny-llama", family="llama", base=str(tiny_models["llama"]), context_window=256, max_new_tokens=8, load_in_4bit=True)
+    register("tiny-llama", family="llama", base=str(llama64), context_window=256, max_new_tokens=8, load_in_4bit=True)
     recipe = load_recipe("llama-3.1-8b-qlora", FAST + ["model=tiny-llama", "lora.target_modules=[q_proj,v_proj]", f"use_unsloth={use_unsloth}"])
     m = finetune(recipe, [qa_rows(tmp_path)], tmp_path / "out", name="tuned-4bit", progress=False)
     assert m["method"] == ("qlora (unsloth)" if use_unsloth else "qlora (peft + bitsandbytes)")
@@ -47,13 +56,13 @@ def test_lora_recipe_trains_under_bf16_autocast_on_cuda(tiny_models, tmp_path, a
     assert m["steps"] == 3 and m["final_metrics"]["eval_rougeL"] >= 0
 
 
-def test_vllm_generates_what_transformers_does_greedily(tiny_models):
+def test_vllm_generates_what_transformers_does_greedily(llama64):
     pytest.importorskip("vllm")
     from rag.generators.base import GenerationConfig
     from rag.generators.hf import TransformersGenerator
     from rag.generators.vllm import VLLMGenerator
 
-    spec = tiny_spec("llama", tiny_models["llama"], backend="vllm")
+    spec = tiny_spec("llama", llama64, backend="vllm")
     prompts = ["Question: What does dropout do?\nAnswer:", "Question: What is a convolution?\nAnswer:"]
     config = GenerationConfig(max_new_tokens=8, temperature=0.0)
     ours = VLLMGenerator(spec, gpu_memory_utilization=0.3)

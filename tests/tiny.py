@@ -44,8 +44,9 @@ def tiny_config(family: str, vocab: int):
     return (MistralConfig if family == "mistral" else LlamaConfig)(**dec)
 
 
-def build_tiny(family: str, out: Path) -> Path:
-    """A saved random model dir for the family, loadable by `from_pretrained`."""
+def build_tiny(family: str, out: Path, **config) -> Path:
+    """A saved random model dir for the family, loadable by `from_pretrained`; `config` overrides
+    the tiny config (e.g. a head size that GPU attention kernels take)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -56,6 +57,7 @@ def build_tiny(family: str, out: Path) -> Path:
     tok = train_tokenizer(out, seq2seq)
     torch.manual_seed(0)
     cfg = tiny_config(family, len(tok))
+    cfg.update(config)
     model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(cfg)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(out)
