@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from aimlqa.settings import DEFAULT_MODE, MODES
+from aimlqa.settings import DEFAULT_MODE, UserError, check_mode
 
 
 def _check_mode(value: str) -> str:
-    if value not in MODES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(MODES)}")
-    return value
+    try:
+        return check_mode(value)
+    except UserError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def mode_option():

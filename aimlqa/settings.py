@@ -43,6 +43,13 @@ class UserError(Exception):
     """A problem with the user's input: shown as one clear line, never as a traceback."""
 
 
+def check_mode(mode: str) -> str:
+    """The one check of a retrieval mode, for the command line, the Answerer and the Retriever."""
+    if mode not in MODES:
+        raise UserError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
 def check_out_dir(path: Path, flag: str = "--out") -> Path:
     """An output directory that can be made or written, checked before the work whose results go there
     and without making it, so that a stopped run leaves no trace."""

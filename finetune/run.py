@@ -60,7 +60,8 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
     splits = split_records(load_many(data_files), recipe.split_fractions)
     train, val = splits["train"], splits["validation"][: recipe.eval_samples]
     require_rows(train, "training")
-    resume = guard_resume(out, {"recipe": recipe.model_dump(mode="json"), "base": spec.base, "data": data_hashes(splits)})
+    hashes = data_hashes(splits)
+    resume = guard_resume(out, {"recipe": recipe.model_dump(mode="json"), "base": spec.base, "data": hashes})
 
     model, tokenizer, how = load_for_training(spec, recipe)
     retriever = None
@@ -138,7 +139,7 @@ def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str 
         "method": how,
         "base": spec.base,
         "data": [str(p) for p in data_files],
-        "split_hashes": data_hashes(splits),
+        "split_hashes": hashes,
         "split_sizes": {k: len(v) for k, v in splits.items()},
         "train_index": retriever.manifest_hash if retriever else None,
         "train_tokens": n_tokens,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aimlqa.settings import DEFAULT_MODE, MODES, UserError
+from aimlqa.settings import DEFAULT_MODE, MODES, UserError, check_mode
 from index.corpus import Chunk
 from index.embed import Embedder
 from index.store import manifest_hash, read_manifest
@@ -83,8 +83,7 @@ class Retriever:
         return self.search_many([query], k, mode)[0]
 
     def search_many(self, queries: list[str], k: int = 5, mode: str = DEFAULT_MODE) -> list[list[Passage]]:
-        if mode not in MODES:
-            raise UserError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
+        check_mode(mode)
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         if not queries:

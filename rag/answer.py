@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from aimlqa.settings import DEFAULT_MODE, MODES, UserError
+from aimlqa.settings import DEFAULT_MODE, UserError, check_mode
 from rag.generators.base import default_config
 from rag.postprocess import clean_answer
 from rag.prompts import build_prompt, template_for
@@ -44,9 +44,7 @@ class Answerer:
     def __init__(self, spec, retriever=None, generator=None, mode: str = DEFAULT_MODE):
         self.spec = spec
         self.retriever = retriever
-        if mode not in MODES:
-            raise UserError(f"unknown retrieval mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.retrieval_only = spec.backend == "retrieval"
         if self.retrieval_only and retriever is None:
             raise UserError("the retrieval-only model needs an index (--index)")

@@ -364,8 +364,8 @@ def test_cli_score_one_cell(aimlqa_home, tmp_path, tiny_models, tiny_adapter, te
     assert "ten/tiny-base/plain" in result.output and "n=3" in result.output
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert [c["id"] for c in summary["cells"]] == ["ten/tiny-base/plain"] and summary["datasets"]["ten"]["n"] == 3
-    bad = CliRunner().invoke(cli.app, ["eval", "score", "--qa", str(ten_qa), "--model", "tiny-base", "--mode", "fuzzy", "--no-progress"])
-    assert bad.exit_code == 2 and "Invalid value for '--mode': 'fuzzy' is not one of dense, bm25, hybrid" in bad.output
+    bad = CliRunner().invoke(cli.app, ["eval", "score", "--qa", str(ten_qa), "--model", "tiny-base", "--mode", "fuzzy", "--no-progress"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "Invalid value for '--mode': unknown retrieval mode 'fuzzy'; choose one of dense, bm25, hybrid" in bad.output
     # an --out that cannot hold the results is refused before any answer is generated
     import eval.ablation as ablation
 
