@@ -83,3 +83,33 @@ def read_yaml_mapping(path: Path, expected: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected {expected}")
     return data
+
+
+def validation_message(error, model=None) -> str:
+    """A pydantic ValidationError's first problem as `field.path: message`. An unknown field names the
+    fields its place knows, when `model` (the validated class) is given, since a typo is the usual cause."""
+    err = error.errors()[0]
+    loc = [str(x) for x in err["loc"]]
+    where = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden" and model is not None and (known := _fields_at(model, loc[:-1])):
+        return f"{where}: unknown field; known: {', '.join(known)}"
+    return f"{where}: {err['msg']}"
+
+
+def _fields_at(model, path: list[str]) -> list[str]:
+    """The field names of the (nested) model at a validation error's location, skipping list indexes."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    for part in path:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        kinds = [field.annotation, *get_args(field.annotation)]
+        model = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)

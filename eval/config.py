@@ -13,7 +13,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aimlqa import settings
-from aimlqa.settings import UserError, read_yaml_mapping
+from aimlqa.settings import UserError, read_yaml_mapping, validation_message
 from eval.metrics import HIT_THRESHOLD
 from index.retriever import MODES
 
@@ -125,12 +125,6 @@ class AblationConfig(_Strict):
         return data
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "config"
-    return f"{where}: {err['msg']}"
-
-
 def load_config(path: str | Path, **overrides) -> AblationConfig:
     """Read and validate a YAML config; overrides (e.g. limit, out) win over the file."""
     path = Path(path)
@@ -141,7 +135,7 @@ def load_config(path: str | Path, **overrides) -> AblationConfig:
     try:
         config = AblationConfig(**data)
     except ValidationError as e:
-        raise UserError(f"{path}: {_first_error(e)}") from None
+        raise UserError(f"{path}: {validation_message(e, AblationConfig)}") from None
     return config.resolved(path.resolve().parent)
 
 
@@ -150,5 +144,5 @@ def make_config(**fields) -> AblationConfig:
     try:
         return AblationConfig(**fields).resolved(Path.cwd())
     except ValidationError as e:
-        raise UserError(_first_error(e)) from None
+        raise UserError(validation_message(e, AblationConfig)) from None
 

@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aimlqa.settings import UserError, read_yaml_mapping
+from aimlqa.settings import UserError, read_yaml_mapping, validation_message
 
 RECIPES = Path(__file__).with_name("recipes")
 
@@ -106,5 +106,4 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe(**data)
     except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"recipe {data['name']!r}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise UserError(f"recipe {data['name']!r}: {validation_message(e, Recipe)}") from None

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from aimlqa import settings
-from aimlqa.settings import UserError, read_yaml_mapping
+from aimlqa.settings import UserError, read_yaml_mapping, validation_message
 
 BUILTIN = Path(__file__).with_name("models.yaml")
 SEQ2SEQ_FAMILIES = {"bart"}
@@ -61,7 +61,7 @@ def load_registry() -> dict[str, ModelSpec]:
         try:
             out[name] = ModelSpec(name=name, **(fields or {}))
         except ValidationError as e:
-            raise UserError(f"model {name!r} in the registry is invalid: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+            raise UserError(f"model {name!r} in the registry is invalid: {validation_message(e, ModelSpec)}") from None
     return out
 
 

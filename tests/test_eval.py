@@ -342,7 +342,8 @@ def test_config_errors_name_the_problem(tmp_path, ten_qa):
         ({"modes": ["dense", "fuzzy"]}, "modes.1"),
         ({"top_k": [0]}, "top_k"),
         ({"datasets": []}, "datasets"),
-        ({"colour": "blue"}, "colour"),
+        ({"colour": "blue"}, "colour: unknown field; known: .*top_k"),
+        ({"datasets": [{"name": "d", "path": str(ten_qa), "splt": "test"}]}, r"datasets\.0\.splt: unknown field; known: .*\bsplit\b"),
     ]:
         path.write_text(yaml.safe_dump({"models": ["gemma-270m"], "datasets": [{"name": "d", "path": str(ten_qa)}]} | bad))
         with pytest.raises(UserError, match=match):

@@ -328,6 +328,11 @@ def test_recipe_overrides_and_errors():
         load_recipe("gpt2-lora", ["lr"])
     with pytest.raises(UserError, match="context"):
         load_recipe("gpt2-lora", ["context=maybe"])
+    # a misspelt field names the ones its place knows, nested too
+    with pytest.raises(UserError, match=r"'gpt2-lora': epoch: unknown field; known: .*\bepochs\b"):
+        load_recipe("gpt2-lora", ["epoch=3"])
+    with pytest.raises(UserError, match=r"lora\.rank: unknown field; known: alpha, dropout, r, target_modules, top_layers$"):
+        load_recipe("gpt2-lora", ["lora.rank=8"])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3"])
