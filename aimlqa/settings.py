@@ -91,17 +91,20 @@ def validation_message(error, model=None) -> str:
     err = error.errors()[0]
     loc = [str(x) for x in err["loc"]]
     where = ".".join(loc) or "config"
-    if err["type"] == "extra_forbidden" and model is not None and (known := _fields_at(model, loc[:-1])):
+    if err["type"] == "extra_forbidden" and (known := known_fields(model, loc[:-1])):
         return f"{where}: unknown field; known: {', '.join(known)}"
     return f"{where}: {err['msg']}"
 
 
-def _fields_at(model, path: list[str]) -> list[str]:
-    """The field names of the (nested) model at a validation error's location, skipping list indexes."""
+def known_fields(model, path: list[str]) -> list[str]:
+    """The field names of the (nested) pydantic model at a validation error's location (list indexes
+    skipped); none when the model is unknown or the place is not a model."""
     from typing import get_args
 
     from pydantic import BaseModel
 
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
     for part in path:
         if part.isdigit():
             continue

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aimlqa.settings import UserError
+from aimlqa.settings import UserError, known_fields
 
 log = logging.getLogger("aimlqa.server")
 
@@ -40,14 +40,23 @@ def error_response(request: Request, status: int, message: str, code: str | None
     return JSONResponse(error_body(status, message, code, request_id(request)), status_code=status, headers=headers)
 
 
-def describe_validation(errors) -> str:
+def body_model(request: Request):
+    """The matched route's request-body model, so an unknown field can name the known ones."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    return getattr(getattr(field, "field_info", None), "annotation", None)
+
+
+def describe_validation(errors, model=None) -> str:
     """Pydantic's error list as one line: `top_k: Input should be less than or equal to 20`."""
     parts = []
     for e in errors:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
+        path = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path")]
+        loc = ".".join(path)
         msg = e.get("msg", "invalid").removeprefix("Value error, ")
         if e.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
+        elif e.get("type") == "extra_forbidden" and (known := known_fields(model, path[:-1])):
+            msg = f"unknown field; known: {', '.join(known)}"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request"
 
@@ -63,7 +72,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(request, 422, describe_validation(exc.errors()), "invalid_request")
+        return error_response(request, 422, describe_validation(exc.errors(), body_model(request)), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
