@@ -86,14 +86,20 @@ def read_yaml_mapping(path: Path, expected: str) -> dict:
 
 
 def validation_message(error, model=None) -> str:
-    """A pydantic ValidationError's first problem as `field.path: message`. An unknown field names the
-    fields its place knows, when `model` (the validated class) is given, since a typo is the usual cause."""
+    """A pydantic ValidationError's first problem as `field.path: message` (`config: ...` for the whole)."""
     err = error.errors()[0]
-    loc = [str(x) for x in err["loc"]]
-    where = ".".join(loc) or "config"
-    if err["type"] == "extra_forbidden" and (known := known_fields(model, loc[:-1])):
-        return f"{where}: unknown field; known: {', '.join(known)}"
-    return f"{where}: {err['msg']}"
+    return error_message(err, model, [str(x) for x in err["loc"]] or ["config"])
+
+
+def error_message(err: dict, model=None, loc: list[str] | None = None) -> str:
+    """One pydantic error as `field.path: message` (`loc`: the path, when the caller trims it). An
+    unknown field names the fields its place knows, when `model` (the validated class) is given,
+    since a typo is the usual cause."""
+    loc = [str(x) for x in err.get("loc", ())] if loc is None else loc
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden" and (known := known_fields(model, loc[:-1])):
+        msg = f"unknown field; known: {', '.join(known)}"
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 
 def known_fields(model, path: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aimlqa.settings import UserError, known_fields
+from aimlqa.settings import UserError, error_message
 
 log = logging.getLogger("aimlqa.server")
 
@@ -51,13 +51,8 @@ def describe_validation(errors, model=None) -> str:
     parts = []
     for e in errors:
         path = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path")]
-        loc = ".".join(path)
-        msg = e.get("msg", "invalid").removeprefix("Value error, ")
-        if e.get("type") == "json_invalid":
-            msg = "the body is not valid JSON"
-        elif e.get("type") == "extra_forbidden" and (known := known_fields(model, path[:-1])):
-            msg = f"unknown field; known: {', '.join(known)}"
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        msg = "the body is not valid JSON" if e.get("type") == "json_invalid" else e.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(error_message(e | {"msg": msg}, model, path))
     return "; ".join(parts) or "invalid request"
 
 
