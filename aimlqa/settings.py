@@ -16,6 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "bm25", "hybrid")
 DEFAULT_MODE = "hybrid"
 
+# What `aimlqa ask` answers with and `make run` serves: the embedded Gemma 3 270M with the
+# retrieval-aware adapter shipped in rag/adapters/ (its manifest says how it was trained). The
+# base model is one name away (`-m gemma-270m`), and is served beside it on the same weights.
+DEFAULT_MODEL = "gemma-270m-aiml"
+BASE_MODEL = "gemma-270m"
+
 
 def home() -> Path:
     """Where converted models, indexes and fine-tuned adapters live (`AIMLQA_HOME`)."""
@@ -33,6 +39,11 @@ def course_dir() -> Path:
 
 def qa_file() -> Path:
     return data_dir() / "qa" / "aiml_qa.jsonl"
+
+
+def adapters_dir() -> Path:
+    """Where `aimlqa finetune` writes adapters, and the only place a server loads them from live."""
+    return home() / "finetuned"
 
 
 def default_index_dir() -> Path:

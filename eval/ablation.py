@@ -44,19 +44,30 @@ class Cell:
         return f"grounded k={self.k} {self.mode}" if self.rag else "plain"
 
 
-def resolve_models(names: list[str], notes: list[str]) -> dict:
-    """Registered specs for the listed names; an unregistered one is skipped with a note."""
+def served_specs(server: str) -> dict:
+    """What a running server serves, as registry entries (its `/v1/models` cards)."""
+    from rag.registry import ModelSpec
+    from rag.remote import ServerClient
+
+    return {c["id"]: ModelSpec(name=c["id"], family=c["family"], backend=c["backend"], base=c.get("parent") or "",
+                               description=c.get("description", "")) for c in ServerClient(server).models()}
+
+
+def resolve_models(names: list[str], notes: list[str], server: str | None = None) -> dict:
+    """Registered specs for the listed names (or those a server serves); an unknown one is skipped with a note."""
     from rag.registry import load_registry
 
-    registry = load_registry()
+    registry = served_specs(server) if server else load_registry()
     specs = {}
     for name in names:
         if name in registry:
             specs[name] = registry[name]
         else:
-            notes.append(f"model `{name}` skipped: not registered (fine-tune it, or see `aimlqa models`)")
+            notes.append(f"model `{name}` skipped: not served by {server} (it serves {', '.join(registry)})" if server else
+                         f"model `{name}` skipped: not registered (fine-tune it, or see `aimlqa models`)")
     if not specs:
-        raise UserError(f"none of the listed models is registered ({', '.join(names)}); see `aimlqa models`")
+        where = f"served by {server} (it serves {', '.join(registry)})" if server else "registered; see `aimlqa models`"
+        raise UserError(f"none of the listed models is {where}: {', '.join(names)}")
     return specs
 
 
@@ -169,7 +180,10 @@ def retrieve_all(config: AblationConfig, evalsets: dict, indexes: dict, cells: l
 
 def prepare(config: AblationConfig, embedder=None, progress: bool = True) -> Plan:
     notes: list[str] = []
-    specs = resolve_models(config.models, notes)
+    specs = resolve_models(config.models, notes, config.server)
+    if config.server:
+        notes.append(f"answers came through {config.server}'s REST API, grounded by the server's own index; "
+                     "the retrieval figures are those of the local evaluation index")
     evalsets = {}
     for ds in config.datasets:
         es = load_evalset(ds, config.limit)
@@ -195,6 +209,10 @@ def prepare(config: AblationConfig, embedder=None, progress: bool = True) -> Pla
                     "(corpus.index_evaluated is set); its grounded scores are not a test of generalisation"
                 )
     infos = {name: provenance.model_info(spec) | ({"merged_for_eval": True} if spec.adapter else {}) for name, spec in specs.items()}
+    if config.server:
+        # what a served name means can change between runs (an adapter reloaded under it): never reuse
+        infos = {name: info | {"server": config.server, "fine_tuned": bool(specs[name].base), "asked_at": provenance.now()}
+                 for name, info in infos.items()}
     trained = {name: {ds: trained_on(info["finetune"], es) for ds, es in evalsets.items()} for name, info in infos.items() if info.get("finetune")}
     notes += [f"LEAKY: `{name}` was fine-tuned on {n} of the {len(evalsets[ds].records)} evaluated questions of `{ds}`; "
               "its scores there are not a test of generalisation" for name, per in trained.items() for ds, n in per.items() if n]
@@ -214,12 +232,17 @@ def _answer_row(key: str, question: str, a) -> dict:
     }
 
 
-def _load_answerer(spec, retriever):
+def _load_answerer(spec, retriever, server: str | None = None):
     """A LoRA adapter is merged into the base for evaluation: the same function (up to float
-    rounding) without the adapter's extra per-layer work, which costs time on a CPU."""
+    rounding) without the adapter's extra per-layer work, which costs time on a CPU. With a server,
+    the answers are the server's own."""
     from rag.answer import Answerer
     from rag.generators import load_generator
 
+    if server:
+        from rag.remote import RemoteAnswerer, ServerClient
+
+        return RemoteAnswerer(ServerClient(server), spec.name)
     if spec.backend == "retrieval":
         return Answerer(spec, retriever)
     generator = load_generator(spec.model_copy(update={"merge_adapter": True}) if spec.adapter else spec)
@@ -242,7 +265,7 @@ def generate(plan: Plan, progress: bool = True) -> dict[Cell, dict]:
             bar.update(task, description=f"loading {model}")
             first = plan.indexes.get(cells[0].dataset)
             try:
-                answerer = _load_answerer(plan.specs[model], first.retriever if first else None)
+                answerer = _load_answerer(plan.specs[model], first.retriever if first else None, c.server)
             except UserError as e:
                 plan.drop_model(model, f"model `{model}` skipped: {e}")
                 bar.advance(task, sum(len(pending[cell]) for cell in cells))

@@ -33,7 +33,8 @@ def _print_cells(summary: dict, out: Path) -> None:
 def score(
     qa: Path = typer.Option(..., "--qa", help="Q&A file (any supported CSV layout or JSONL)"),
     split: str = typer.Option("test", help="train | validation | test | all"),
-    model: str = typer.Option(..., "--model", "-m", help="A registered model (see `aimlqa models`)"),
+    model: str = typer.Option(..., "--model", "-m", help="A registered model (see `aimlqa models`), or one the --server serves"),
+    server: Optional[str] = typer.Option(None, help="Answer through a running server's REST API (e.g. http://127.0.0.1:8000): scores what students get"),
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground answers in retrieved passages"),
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
     mode: str = mode_option(),
@@ -54,7 +55,7 @@ def score(
     config = make_config(
         name="score", models=[model], rag=[rag], top_k=[k], modes=[mode], headline={"k": k, "mode": mode},
         datasets=[{"name": re.sub(r"[^A-Za-z0-9_.-]+", "_", qa.stem).strip("._-") or "qa", "path": qa, "split": split}],
-        corpus=corpus, limit=limit, max_new_tokens=max_new_tokens, num_beams=beams, threads=threads, out=out,
+        corpus=corpus, limit=limit, max_new_tokens=max_new_tokens, num_beams=beams, threads=threads, out=out, server=server,
     )
     summary, out_dir = run_ablation(config, progress=progress)
     _print_cells(summary, out_dir)

@@ -77,6 +77,7 @@ class AblationConfig(_Strict):
     bootstrap: int = Field(1000, ge=100)
     hit_threshold: float = Field(HIT_THRESHOLD, gt=0.0, le=1.0)
     out: Optional[Path] = None
+    server: Optional[str] = Field(None, pattern=r"^https?://")  # answer through a running server's REST API
 
     @field_validator("models", "top_k", "modes", "rag")
     @classmethod

@@ -43,7 +43,7 @@ def model_name(recipe) -> str:
 
 
 def default_out(recipe) -> Path:
-    return settings.home() / "finetuned" / model_name(recipe)
+    return settings.adapters_dir() / model_name(recipe)
 
 
 def finetune(recipe, data_files: list[Path], out: Path | None = None, name: str | None = None, corpus=None, progress: bool = True) -> dict:

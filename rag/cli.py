@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from aimlqa.options import mode_option
+from aimlqa.settings import DEFAULT_MODEL
 
 
 def open_retriever(index: Optional[Path], required: bool = False):
@@ -27,7 +28,7 @@ def open_retriever(index: Optional[Path], required: bool = False):
 
 def ask(
     question: str = typer.Argument(..., help="The question"),
-    model: str = typer.Option("gemma-270m", "--model", "-m", help="A registered model (see `aimlqa models`)"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="A registered model (see `aimlqa models`; the untuned base: gemma-270m)"),
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground the answer in retrieved passages"),
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course)"),
@@ -70,6 +71,54 @@ def models():
         typer.echo(f"{spec.name:18} {spec.family:8} {spec.backend:12} {spec.base}{adapter}  {spec.description}")
 
 
+adapters_app = typer.Typer(no_args_is_help=True, help="Adapters on a running server: list, load (serve at once), unload.")
+ServerOption = typer.Option(None, "--server", help="The server's URL (default: $AIMLQA_SERVER, else http://127.0.0.1:8000); key: $AIMLQA_API_KEY")
+
+
+@adapters_app.command("list")
+def adapters_list(server: Optional[str] = ServerOption):
+    """The models a server serves; adapters show the base they run on."""
+    from rag.remote import ServerClient
+
+    for card in ServerClient(server).models():
+        on = f"adapter on {card['parent']}" if card.get("parent") else card["backend"]
+        typer.echo(f"{card['id']:24} {on:44} {card.get('description', '')}")
+
+
+@adapters_app.command("load")
+def adapters_load(
+    name: str = typer.Argument(..., help="The model name students will ask for"),
+    path: Path = typer.Argument(..., help="What `aimlqa finetune` wrote (under the server's adapters directory, $AIMLQA_HOME/finetuned)"),
+    server: Optional[str] = ServerOption,
+    replace: bool = typer.Option(False, "--replace", help="Unload an adapter already served under NAME first"),
+):
+    """Serve a fine-tuned adapter on a running server, without a restart."""
+    from rag.remote import ServerClient
+
+    typer.echo(load_on_server(ServerClient(server), name, path, replace))
+
+
+def load_on_server(client, name: str, path: Path, replace: bool = False) -> str:
+    served = {c["id"]: c for c in client.models()}
+    if name in served and replace:
+        if not served[name].get("parent"):
+            from aimlqa.settings import UserError
+
+            raise UserError(f"{name!r} is a base model on {client.url}, not an adapter; pick another name")
+        client.unload_adapter(name)
+    reply = client.load_adapter(name, path)
+    return f"{reply['message']} ({client.url}); ask it: aimlqa eval score --server {client.url} -m {name} ..."
+
+
+@adapters_app.command("unload")
+def adapters_unload(name: str = typer.Argument(...), server: Optional[str] = ServerOption):
+    """Stop serving an adapter; requests already admitted for it finish first."""
+    from rag.remote import ServerClient
+
+    typer.echo(ServerClient(server).unload_adapter(name)["message"])
+
+
 def register(app: typer.Typer) -> None:
     app.command()(ask)
     app.command()(models)
+    app.add_typer(adapters_app, name="adapters")

@@ -54,8 +54,17 @@ def _read(path: Path) -> dict:
     return read_yaml_mapping(path, "a mapping of model names to settings")
 
 
+def _builtin() -> dict:
+    """The shipped entries; a shipped adapter's path is relative to this package."""
+    entries = _read(BUILTIN)
+    for fields in entries.values():
+        if fields and fields.get("adapter") and not Path(fields["adapter"]).is_absolute():
+            fields["adapter"] = str(BUILTIN.parent / fields["adapter"])
+    return entries
+
+
 def load_registry() -> dict[str, ModelSpec]:
-    entries = _read(BUILTIN) | _read(user_registry_path())
+    entries = _builtin() | _read(user_registry_path())
     out = {}
     for name, fields in entries.items():
         try:

@@ -23,7 +23,8 @@ from server.config import ServerConfig
 from server.errors import ApiError, describe_validation, request_id
 from server.metrics import Metrics
 from server.middleware import RequestContext
-from server.schemas import AnswerRequest, AnswerResponse, ErrorResponse, ModelCard, ModelList, SeedRequest, SourceOut, Timings, Usage
+from server.schemas import (AdapterStatus, AnswerRequest, AnswerResponse, ErrorResponse, LoadLoraAdapterRequest, ModelCard, ModelList, SeedRequest,
+                            SourceOut, Timings, UnloadLoraAdapterRequest, Usage)
 from server.service import Loader, Result, Service
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -86,8 +87,27 @@ async def models(request: Request):
     """The served models (OpenAI's list shape, with family and backend)."""
     service = service_of(request)
     service.require_ready()
-    return ModelList(data=[ModelCard(id=n, family=a.spec.family, backend=a.spec.backend, description=a.spec.description)
+    return ModelList(data=[ModelCard(id=n, family=a.spec.family, backend=a.spec.backend, description=a.spec.description,
+                                     parent=None if a.adapter is None else a.spec.base)
                            for n, a in service.answerers.items()])
+
+
+@router.post("/v1/load_lora_adapter", response_model=AdapterStatus, dependencies=[Depends(require_key)], tags=["adapters"],
+             responses=documented(400, 401, 403, 404, 409, 422, 503))
+async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request):
+    """Serve a fine-tuned LoRA adapter at once, beside the base it was trained on (vLLM's endpoint).
+    `lora_path` must be under the server's adapters directory and hold the manifest `aimlqa finetune`
+    writes; a failed load changes nothing."""
+    answerer = await service_of(request).load_adapter(body.lora_name, body.lora_path)
+    return AdapterStatus(status="loaded", lora_name=body.lora_name, message=f"adapter {body.lora_name!r} is served on {answerer.spec.base}")
+
+
+@router.post("/v1/unload_lora_adapter", response_model=AdapterStatus, dependencies=[Depends(require_key)], tags=["adapters"],
+             responses=documented(400, 401, 404, 422, 503))
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request):
+    """Stop serving an adapter; requests already admitted for it finish first (vLLM's endpoint)."""
+    await service_of(request).unload_adapter(body.lora_name)
+    return AdapterStatus(status="unloaded", lora_name=body.lora_name, message=f"adapter {body.lora_name!r} is no longer served")
 
 
 @router.post("/v1/answer", response_model=AnswerResponse, dependencies=[Depends(require_key)], responses=ERRORS)

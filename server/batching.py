@@ -32,14 +32,14 @@ class Stopped(Exception):
 
 @dataclass(eq=False)
 class Job:
-    question: str
+    item: Hashable  # what the work function answers: a question, or (model, question)
     key: Hashable
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None  # when its batch began
 
 
-# (questions, key) -> one result per question: a value, or an exception for that question alone
+# (items, key) -> one result per item: a value, or an exception for that item alone
 Work = Callable[[list[str], Hashable], list]
 
 
@@ -74,12 +74,12 @@ class Batcher:
                 job.future.set_exception(Stopped("the server is shutting down"))
         self._waiting.clear()
 
-    def submit(self, question: str, key: Hashable) -> Job:
-        """Queue a question; its job's future resolves to the result. Raises QueueFull at once."""
+    def submit(self, item, key: Hashable) -> Job:
+        """Queue an item (a question); its job's future resolves to the result. Raises QueueFull at once."""
         self._prune()
         if len(self._waiting) >= self.queue_size:
             raise QueueFull(self.retry_after())
-        job = Job(question, key, asyncio.get_running_loop().create_future())
+        job = Job(item, key, asyncio.get_running_loop().create_future())
         self._waiting.append(job)
         self.on_depth(len(self._waiting))
         self._wake.set()
@@ -145,7 +145,7 @@ class Batcher:
             job.started = t0
         self._running = batch
         try:
-            results = await asyncio.to_thread(self.work, [j.question for j in batch], batch[0].key)
+            results = await asyncio.to_thread(self.work, [j.item for j in batch], batch[0].key)
             if len(results) != len(batch):
                 raise RuntimeError(f"the model returned {len(results)} answers for {len(batch)} questions")
         except Exception as exc:

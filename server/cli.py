@@ -9,10 +9,12 @@ from typing import Optional
 import typer
 
 from aimlqa.options import mode_option
+from aimlqa.settings import BASE_MODEL, DEFAULT_MODEL
 
 
 def serve(
-    model: list[str] = typer.Option(["gemma-270m"], "--model", "-m", help="A registered model to serve (repeat for several; the first is the default)"),
+    model: list[str] = typer.Option([DEFAULT_MODEL, BASE_MODEL], "--model", "-m",
+                                    help="A registered model to serve (repeat for several; the first is the default). Models on one base share its weights"),
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course); without one, answers are not grounded"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(8000, help="Port to listen on"),
@@ -22,6 +24,7 @@ def serve(
     queue_size: int = typer.Option(256, min=1, help="Requests waiting per model before 503 + Retry-After"),
     request_timeout: float = typer.Option(120.0, min=0.1, help="Seconds a request may take, queueing included, before 504"),
     max_question_tokens: int = typer.Option(512, min=1, help="Longest question, in the model's tokens"),
+    adapters_dir: Optional[Path] = typer.Option(None, help="Where POST /v1/load_lora_adapter may load adapters from (default: $AIMLQA_HOME/finetuned)"),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
 ):
     """Serve answers over REST (and an OpenAI-compatible endpoint, and a web page). API keys: AIMLQA_API_KEYS=k1,k2."""
@@ -43,15 +46,15 @@ def serve(
         logging.getLogger("aimlqa.server").warning("no index at %s: answers will not be grounded", index_dir)
 
     def load() -> dict:
-        from rag.answer import Answerer
         from rag.cli import open_retriever
+        from rag.pool import load_answerers
 
-        retriever = open_retriever(index, required=needs_index)
-        return {s.name: Answerer(s, retriever, mode=mode) for s in specs}
+        return load_answerers(specs, open_retriever(index, required=needs_index), mode)
 
     failure: list[str] = []
     config = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, queue_size=queue_size,
-                          request_timeout_s=request_timeout, max_question_tokens=max_question_tokens, default_model=specs[0].name)
+                          request_timeout_s=request_timeout, max_question_tokens=max_question_tokens, default_model=specs[0].name,
+                          adapters_root=adapters_dir)
 
     def stop_on_load_error(message: str) -> None:
         failure.append(message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Hard limits, published in the OpenAPI schema; a model's context window may refuse earlier.
 MAX_QUESTION_CHARS = 2000
@@ -26,6 +27,7 @@ class ServerConfig:
     max_question_tokens: int = 512  # in the model's own tokens (characters: MAX_QUESTION_CHARS)
     default_model: str | None = None  # when a request names none; default: the first served
     api_keys: frozenset[str] = field(default_factory=keys_from_env)
+    adapters_root: Path | None = None  # where load_lora_adapter may read; default $AIMLQA_HOME/finetuned
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.queue_size < 1:
@@ -33,3 +35,8 @@ class ServerConfig:
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0:
             raise ValueError("max_wait_ms must be >= 0 and request_timeout_s > 0")
         self.api_keys = frozenset(self.api_keys)
+        if self.adapters_root is None:
+            from aimlqa import settings
+
+            self.adapters_root = settings.adapters_dir()
+        self.adapters_root = Path(self.adapters_root)

@@ -16,7 +16,8 @@ from aimlqa.settings import UserError, error_message
 
 log = logging.getLogger("aimlqa.server")
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 422: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         409: "conflict_error", 422: "invalid_request_error",
          503: "overloaded_error", 504: "timeout_error"}
 
 

@@ -75,12 +75,39 @@ class SourceOut(BaseModel):
     text: str
     source: str
     section: str
+    section_id: str = Field(description="The citation id the CLI prints: unitN/topic#section")
     score: float
 
     @classmethod
     def of(cls, source) -> "SourceOut":
         """From a `rag.answer.Source`."""
-        return cls(text=source.text, source=source.source, section=source.section, score=source.score)
+        return cls(text=source.text, source=source.source, section=source.section, section_id=source.section_id, score=source.score)
+
+
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body, so tools written for vLLM's `/v1/load_lora_adapter` work here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(..., pattern=ADAPTER_NAME, description="The model name requests will use (letters, digits, . _ -)")
+    lora_path: str = Field(..., min_length=1, max_length=1000,
+                           description="A directory `aimlqa finetune` wrote, relative to the server's adapters directory or absolute inside it")
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(..., min_length=1, max_length=200)
+    lora_int_id: int | None = Field(None, description="Accepted for vLLM compatibility and ignored")
+
+
+class AdapterStatus(BaseModel):
+    status: Literal["loaded", "unloaded"]
+    lora_name: str
+    message: str
 
 
 class Usage(BaseModel):
@@ -111,6 +138,7 @@ class ModelCard(BaseModel):
     family: str
     backend: str
     description: str = ""
+    parent: str | None = Field(None, description="For an adapter: the base model it runs on (vLLM's field)")
 
 
 class ModelList(BaseModel):

@@ -1,4 +1,5 @@
-"""The service behind the routes: the served Answerers, one Batcher each, and the request limits.
+"""The service behind the routes: the served Answerers, a Batcher per base model in memory (its
+adapters batch together), adapters loaded and unloaded live, and the request limits.
 
 Routes stay thin: they translate bodies; this decides which model answers, whether a request
 fits, and turns queueing, time-outs and failures into one clear `ApiError` each.
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from aimlqa.settings import UserError
+from rag.answer import Answerer, answer_batch
+from server.adapters import locate
 from server.batching import Batcher, QueueFull, Stopped
 from server.config import ServerConfig
 from server.errors import ApiError
@@ -24,13 +27,18 @@ Loader = Callable[[], dict]  # -> {name: Answerer}, run in a thread at start-up
 
 
 class BatchKey(NamedTuple):
-    """Requests with equal keys can share one generate call."""
+    """Requests with equal keys can share one generate call, whichever adapter of the base each names."""
 
     rag: bool
     k: int
     max_new_tokens: int | None
     temperature: float | None
     num_beams: int | None = None
+    defaults: tuple = ()  # the model's own generation defaults: models that differ there batch apart
+
+
+def generation_defaults(spec) -> tuple:
+    return (spec.max_new_tokens, spec.temperature, spec.top_p, spec.repetition_penalty, spec.num_beams)
 
 
 @dataclass
@@ -59,7 +67,10 @@ class Service:
         self._loader = loader
         self._on_load_error = on_load_error
         self.answerers: dict = {}
-        self.batchers: dict[str, Batcher] = {}
+        self.batchers: dict[str, Batcher] = {}  # one per base in memory, named for its first model
+        self.pool_of: dict[str, str] = {}  # model name -> its batcher's name
+        self._inflight: dict[str, int] = {}  # model name -> requests admitted and not yet answered
+        self._adapter_lock = asyncio.Lock()  # one adapter load or unload at a time
         self.state = "loading"  # loading | ready | failed
         self.load_error = ""
         self._load_task: asyncio.Task | None = None
@@ -92,9 +103,15 @@ class Service:
     def _install(self, answerers: dict) -> None:
         if not answerers:
             raise ValueError("serve at least one model")
+        pools: dict[int, str] = {}  # Answerers on one generator share its batcher, so their requests batch together
         for name, answerer in answerers.items():
+            shared = id(answerer.generator) if answerer.generator is not None else id(answerer)
+            if shared in pools:
+                self.pool_of[name] = pools[shared]
+                continue
+            pools[shared] = self.pool_of[name] = name
             batcher = Batcher(
-                lambda questions, key, a=answerer: self._work(a, questions, key),
+                self._work,
                 max_batch_size=self.config.max_batch_size,
                 max_wait_s=self.config.max_wait_ms / 1000,
                 queue_size=self.config.queue_size,
@@ -113,7 +130,7 @@ class Service:
             await asyncio.gather(self._load_task, return_exceptions=True)
         for batcher in self.batchers.values():
             await batcher.stop()
-        self.batchers, self.answerers, self._load_task, self.state = {}, {}, None, "loading"
+        self.batchers, self.answerers, self.pool_of, self._load_task, self.state = {}, {}, {}, None, "loading"
 
     # --- what is served -----------------------------------------------------------------
 
@@ -152,13 +169,14 @@ class Service:
         wanted = max_new_tokens or answerer.spec.max_new_tokens
         if gen is not None and wanted >= gen.context_window:
             raise ApiError(400, f"max_new_tokens={wanted} does not fit {name}'s context window of {gen.context_window} tokens", "max_new_tokens")
-        key = BatchKey(rag, k, max_new_tokens, *((temperature, num_beams) if gen is not None else (None, None)))
+        key = BatchKey(rag, k, max_new_tokens, *((temperature, num_beams, generation_defaults(answerer.spec)) if gen is not None else (None, None)))
         try:
-            job = self.batchers[name].submit(question, key)
+            job = self.batchers[self.pool_of[name]].submit((answerer, question), key)
         except QueueFull as full:
             self.metrics.refused.labels(name, "queue_full").inc()
             raise ApiError(503, f"{name} has {self.config.queue_size} requests waiting; retry in {full.retry_after} s",
                            "queue_full", {"Retry-After": str(full.retry_after)}) from None
+        self._inflight[name] = self._inflight.get(name, 0) + 1
         try:
             answer = await asyncio.wait_for(job.future, self.config.request_timeout_s - (time.monotonic() - t0))
         except TimeoutError:
@@ -173,18 +191,21 @@ class Service:
             self.metrics.refused.labels(name, "failed").inc()
             log.error("request %s: %s failed to answer", request_id, name, exc_info=exc)
             raise ApiError(500, f"generating the answer failed; quote request id {request_id} when reporting it", "generation_failed") from None
+        finally:
+            self._inflight[name] -= 1
         self.metrics.observe_tokens(name, answer.prompt_tokens, answer.completion_tokens)
         limit = max_new_tokens or answerer.spec.max_new_tokens
         finish = "length" if gen is not None and answer.completion_tokens >= limit else "stop"
         return Result(answer, round(((job.started or t0) - job.enqueued) * 1000, 2), finish)
 
-    def _work(self, answerer, questions: list[str], key: BatchKey) -> list:
-        """One batch, in the worker thread (tokenizers are not safe to share across threads, so
-        questions are measured here, next to generation): a question that does not fit fails alone."""
-        problems = [self._token_problem(answerer, q, key.max_new_tokens) for q in questions]
-        fits = [q for q, p in zip(questions, problems) if p is None]
-        gen = {} if answerer.generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature, "num_beams": key.num_beams}
-        answers = iter(answerer.answer_many(fits, rag=key.rag, k=key.k, **gen) if fits else [])
+    def _work(self, items: list[tuple], key: BatchKey) -> list:
+        """One batch of (Answerer, question), in the worker thread (tokenizers are not safe to share
+        across threads, so questions are measured here, next to generation): a question that does not
+        fit fails alone. The Answerers share one generator; each row runs through its own adapter."""
+        problems = [self._token_problem(a, q, key.max_new_tokens) for a, q in items]
+        fits = [item for item, p in zip(items, problems) if p is None]
+        gen = {} if items[0][0].generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature, "num_beams": key.num_beams}
+        answers = iter(answer_batch(fits, rag=key.rag, k=key.k, **gen) if fits else [])
         return [ApiError(400, p, "question_too_long") if p else next(answers) for p in problems]
 
     def _token_problem(self, answerer, question: str, max_new_tokens: int | None) -> str | None:
@@ -200,3 +221,50 @@ class Service:
             return (f"the question ({prompt} prompt tokens) and max_new_tokens={new} do not fit {answerer.spec.name}'s "
                     f"context window of {gen.context_window} tokens; shorten the question or lower max_new_tokens")
         return None
+
+    # --- adapters as live resources -------------------------------------------------------
+
+    async def load_adapter(self, name: str, lora_path: str) -> Answerer:
+        """Serve a fine-tuned adapter under `name`, beside the base it was trained on, at once. Every
+        check runs before the model is touched; a failed load leaves what is served as it was."""
+        self.require_ready()
+        async with self._adapter_lock:
+            if name in self.answerers:
+                raise ApiError(409, f"a model named {name!r} is already served; unload it first or pick another name", "name_taken")
+            found = locate(self.config.adapters_root, lora_path)
+            hosts = [a for a in self.answerers.values() if a.generator is not None and hasattr(a.generator, "load_adapter")]
+            host = next((a for a in hosts if a.spec.base == found.base), None)
+            if host is None:
+                bases = sorted({a.spec.base for a in hosts}) or ["none that take adapters"]
+                raise ApiError(400, f"the adapter at {lora_path!r} was trained on {found.base!r}; this server serves the base(s) "
+                               f"{', '.join(bases)}", "base_mismatch")
+            try:
+                await asyncio.to_thread(host.generator.load_adapter, name, str(found.path))
+            except UserError as e:
+                raise ApiError(400, str(e), "invalid_adapter") from None
+            recipe = found.manifest.get("recipe") or {}
+            spec = host.spec.model_copy(update={"name": name, "adapter": str(found.path),
+                                                "description": f"{recipe.get('name', 'adapter')} fine-tuned ({found.manifest.get('method', 'lora')}), loaded live"})
+            answerer = Answerer(spec, host.retriever, generator=host.generator, mode=host.mode, adapter=name)
+            self.pool_of[name] = self.pool_of[host.spec.name]
+            self.answerers[name] = answerer
+            log.info("adapter %s loaded from %s on %s", name, found.path, found.base)
+            return answerer
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving an adapter: new requests for it get 404 at once, admitted ones finish, then
+        its weights are freed."""
+        self.require_ready()
+        async with self._adapter_lock:
+            answerer = self.answerers.get(name)
+            if answerer is None:
+                raise ApiError(404, f"no model named {name!r} is served; served: {', '.join(self.answerers)}", "model_not_found")
+            if answerer.adapter is None:
+                raise ApiError(400, f"{name!r} is a base model, not an adapter; only adapters can be unloaded", "not_an_adapter")
+            del self.answerers[name]
+            while self._inflight.get(name):
+                await asyncio.sleep(0.01)
+            self.pool_of.pop(name, None)
+            self._inflight.pop(name, None)
+            await asyncio.to_thread(answerer.generator.unload_adapter, answerer.adapter)
+            log.info("adapter %s unloaded", name)

@@ -68,8 +68,8 @@ def tiny_spec(family: str, path: Path, **fields):
     """float32 unless asked: the tests compare logits at float32 tolerances, whatever the CPU."""
     from rag.registry import ModelSpec
 
-    fields = {"dtype": "float32"} | fields
-    return ModelSpec(name=f"tiny-{family}", family=family, base=str(path), context_window=256, max_new_tokens=12, **fields)
+    fields = {"dtype": "float32", "name": f"tiny-{family}"} | fields
+    return ModelSpec(family=family, base=str(path), context_window=256, max_new_tokens=12, **fields)
 
 
 # a fine-tuning run in seconds: a few steps, tiny batches and lengths

@@ -116,20 +116,98 @@ def _contiguous_input(module, args):
 
 
 class TransformersGenerator:
+    """One base model in memory and any number of LoRA adapters on it, loaded and unloaded while
+    serving. A batch may mix adapters (and the base): peft routes each row through its own adapter
+    in one forward pass (`adapter_names`), so requests for different adapters are not serialized."""
+
     def __init__(self, spec, device: str | None = None, model=None, tokenizer=None):
         self.spec = spec
         self.device = pick_device(device)
+        self.adapters: dict[str, str] = {}  # name -> path, the adapters loaded beside the base
+        self.default_adapter: str | None = None  # what a prompt without an adapter of its own uses
+        self._lock = threading.Lock()  # one generate() (or adapter change) at a time; callers batch instead
         if model is None:
-            model, tokenizer = load_model_and_tokenizer(spec, self.device, merge=spec.merge_adapter)
+            merge = spec.merge_adapter or not spec.adapter
+            model, tokenizer = load_model_and_tokenizer(spec, self.device, adapter=spec.adapter if merge else "", merge=True)
         self.model, self.tokenizer = model, tokenizer
         self.context_window = min(spec.context_window, getattr(model.config, "max_position_embeddings", None) or spec.context_window)
-        self._lock = threading.Lock()  # one generate() at a time per model; callers batch instead
+        if spec.adapter and not spec.merge_adapter and not is_peft(model):
+            self.load_adapter(spec.name, spec.adapter)
+            self.default_adapter = spec.name
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    # --- adapters ---------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter under `name`; a failure leaves the model and its adapters as they were.
+        Waits for a running generate() to finish."""
+        from peft import PeftModel
+
+        check_adapter_fits(self.model, path)
+        with self._lock:
+            if name in self.adapters:
+                raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            # bf16 adapters beside a bf16 base, as they were trained (finetune.model.adapter_autocast)
+            keep_dtype = dict(autocast_adapter_dtype=False) if self.model.dtype == torch.bfloat16 else {}
+            if is_peft(self.model):
+                try:
+                    self.model.load_adapter(path, adapter_name=name, **keep_dtype)
+                except Exception:
+                    if name in self.model.peft_config:
+                        self.model.delete_adapter(name)
+                    raise
+            else:
+                base = self.model
+                try:
+                    self.model = PeftModel.from_pretrained(base, path, adapter_name=name, **keep_dtype)
+                except Exception:
+                    strip_adapter_layers(base)
+                    raise
+            if not self.spec.load_in_4bit:
+                self.model.to(self.device)
+            self.model.eval()
+            self.adapters[name] = str(path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Free an adapter's weights; waits for a running generate() (which may use it) to finish."""
+        with self._lock:
+            if name not in self.adapters:
+                raise UserError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            if len(self.adapters) == 1:
+                self.model = self.model.unload()  # the base again, without LoRA layers or their cost
+            else:
+                self.model.delete_adapter(name)
+            del self.adapters[name]
+            if self.default_adapter == name:
+                self.default_adapter = None
+
+    def _route(self, adapters: list[str | None] | None, n: int):
+        """The context that sends each row through its adapter: none for a uniform batch (the active
+        adapter, or the base with adapters disabled), peft's per-row routing for a mixed one."""
+        from contextlib import nullcontext
+
+        names = adapters if adapters is not None else [self.default_adapter] * n
+        if len(names) != n:
+            raise ValueError(f"{len(names)} adapter names for {n} prompts")
+        if unknown := {a for a in names if a is not None} - set(self.adapters):
+            raise UserError(f"adapter {sorted(unknown)[0]!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        if not self.adapters:
+            return nullcontext(), {}
+        if len(set(names)) == 1:
+            if names[0] is None:
+                return self.model.disable_adapter(), {}
+            self.model.set_adapter(names[0])
+            return nullcontext(), {}
+        return nullcontext(), {"adapter_names": [a or BASE for a in names]}
+
+    # --- generation ---------------------------------------------------------------------
+
     @torch.inference_mode()
-    def generate(self, prompts: list[str], config: GenerationConfig) -> list[Generation]:
+    def generate(self, prompts: list[str], config: GenerationConfig, adapters: list[str | None] | None = None) -> list[Generation]:
+        """`adapters`: per prompt, a loaded adapter's name or None for the base (default: the
+        entry's own adapter, if any, for every prompt)."""
         if not prompts:
             return []
         tok = self.tokenizer
@@ -152,9 +230,11 @@ class TransformersGenerator:
 
             kwargs.update(stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, config.stop, enc["input_ids"].shape[1])]))
         with self._lock:
+            route, extra = self._route(adapters, len(prompts))
             if config.seed is not None:
                 torch.manual_seed(config.seed)
-            out = self.model.generate(**enc, **kwargs)
+            with route:
+                out = self.model.generate(**enc, **kwargs, **extra)
         new = out if self.spec.seq2seq else out[:, enc["input_ids"].shape[1] :]
         prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
         results = []
@@ -172,3 +252,51 @@ class TransformersGenerator:
             finish = "stop" if ended or stopped or n < config.max_new_tokens else "length"
             results.append(Generation(text, int(n_prompt), n, finish))
         return results
+
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+def is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def strip_adapter_layers(model) -> None:
+    """Undo a half-done adapter injection: every LoRA-wrapped layer back to its base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
+def check_adapter_fits(model, path: str) -> None:
+    """Read an adapter dir and check every LoRA matrix against the layer it adapts, before the model
+    is touched: a corrupt file, another architecture or another size is a UserError saying which."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    try:
+        config = PeftConfig.from_pretrained(path)
+        weights = load_peft_weights(path, device="cpu")
+    except Exception as e:  # bad JSON, a truncated safetensors file, missing files: peft's many errors
+        raise UserError(f"{path}: not a readable adapter ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if config.peft_type != "LORA":
+        raise UserError(f"{path}: a {config.peft_type} adapter; only LoRA adapters can be served")
+    base = model.get_base_model() if is_peft(model) else model
+    modules = dict(base.named_modules())
+    for key, tensor in weights.items():
+        if ".lora_A" not in key and ".lora_B" not in key:
+            continue
+        where = key.removeprefix("base_model.model.").split(".lora_")[0]
+        layer = modules.get(where)
+        layer = getattr(layer, "base_layer", layer)
+        if layer is None or not hasattr(layer, "in_features"):
+            raise UserError(f"{path}: adapts `{where}`, which this model does not have: it was trained on another base model")
+        want = layer.in_features if ".lora_A" in key else layer.out_features
+        got = tensor.shape[1] if ".lora_A" in key else tensor.shape[0]
+        if got != want:
+            raise UserError(f"{path}: `{where}` is {want} wide in this model but {got} in the adapter: it was trained on another base model")

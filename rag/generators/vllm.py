@@ -23,28 +23,62 @@ def require_vllm():
 
 
 class VLLMGenerator:
-    def __init__(self, spec, gpu_memory_utilization: float = 0.85, max_lora_rank: int = 64):
+    """vLLM with LoRA always enabled, so adapters can be added while serving: each prompt carries its
+    adapter's `LoRARequest` and vLLM batches different adapters together (its multi-LoRA)."""
+
+    def __init__(self, spec, gpu_memory_utilization: float = 0.85, max_lora_rank: int = 64, max_loras: int = 8):
         vllm = require_vllm()
-        from vllm.lora.request import LoRARequest
 
         self.spec = spec
         self._vllm = vllm
-        kwargs = dict(model=resolve_base(spec.base), max_model_len=spec.context_window, gpu_memory_utilization=gpu_memory_utilization)
+        kwargs = dict(model=resolve_base(spec.base), max_model_len=spec.context_window, gpu_memory_utilization=gpu_memory_utilization,
+                      enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras)
         if spec.load_in_4bit:
             kwargs.update(quantization="bitsandbytes")
-        if spec.adapter:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.lora = LoRARequest(spec.name, 1, spec.adapter) if spec.adapter else None
         self.context_window = spec.context_window
+        self.loras: dict = {}  # name -> LoRARequest
+        self._next_id = 1
+        self.default_adapter = None
+        if spec.adapter:
+            self.load_adapter(spec.name, spec.adapter)
+            self.default_adapter = spec.name
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return {name: r.lora_path for name, r in self.loras.items()}
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """vLLM reads the adapter on its first request; registering it here is bookkeeping."""
+        from vllm.lora.request import LoRARequest
+
+        if name in self.loras:
+            raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        self.loras[name] = LoRARequest(name, self._next_id, str(path))
+        self._next_id += 1
+
+    def unload_adapter(self, name: str) -> None:
+        request = self.loras.pop(name, None)
+        if request is None:
+            raise UserError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.loras) or 'none'}")
+        self.llm.llm_engine.remove_lora(request.lora_int_id)
+        if self.default_adapter == name:
+            self.default_adapter = None
+
+    def _requests(self, adapters: list[str | None] | None, n: int) -> list:
+        names = adapters if adapters is not None else [self.default_adapter] * n
+        if unknown := {a for a in names if a is not None} - set(self.loras):
+            raise UserError(f"adapter {sorted(unknown)[0]!r} is not loaded; loaded: {', '.join(self.loras) or 'none'}")
+        return [self.loras[a] if a else None for a in names]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    def generate(self, prompts: list[str], config: GenerationConfig) -> list[Generation]:
+    def generate(self, prompts: list[str], config: GenerationConfig, adapters: list[str | None] | None = None) -> list[Generation]:
+        loras = self._requests(adapters, len(prompts))
         if config.num_beams > 1:
-            return self._beam_search(prompts, config)
+            return self._beam_search(prompts, config, loras)
         params = self._vllm.SamplingParams(
             max_tokens=config.max_new_tokens,
             temperature=config.temperature,
@@ -53,7 +87,7 @@ class VLLMGenerator:
             stop=list(config.stop) or None,
             seed=config.seed,
         )
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         results = []
         for out in outputs:
             c = out.outputs[0]
@@ -61,13 +95,13 @@ class VLLMGenerator:
             results.append(Generation(text, len(out.prompt_token_ids), len(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
         return results
 
-    def _beam_search(self, prompts: list[str], config: GenerationConfig) -> list[Generation]:
+    def _beam_search(self, prompts: list[str], config: GenerationConfig, loras: list) -> list[Generation]:
         """vLLM runs beam search through `LLM.beam_search`, not `SamplingParams`; stop sequences are cut
         afterwards, as the transformers back end cuts them."""
         from vllm.sampling_params import BeamSearchParams
 
         params = BeamSearchParams(beam_width=config.num_beams, max_tokens=config.max_new_tokens)
-        outputs = self.llm.beam_search([{"prompt": p} for p in prompts], params, lora_request=self.lora)
+        outputs = self.llm.beam_search([{"prompt": p} for p in prompts], params, lora_request=loras)
         results = []
         for prompt, out in zip(prompts, outputs):
             best = out.sequences[0]
