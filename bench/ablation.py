@@ -20,6 +20,13 @@ from eval.report import headline_cells
 CONFIG = Path(__file__).with_name("ablation.yaml")
 
 
+def report_path(out: Path) -> str:
+    """Relative to the repository when inside it: a result file must not carry this machine's paths."""
+    report = (out / "report.md").resolve()
+    root = Path(__file__).resolve().parents[1]
+    return report.relative_to(root).as_posix() if report.is_relative_to(root) else report.name
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None, help="questions per dataset (the first N of its split)")
@@ -33,7 +40,7 @@ def main():
         ds: {f"{c['model']} / {c['setting']}": {"rouge1": c["rouge1"]["mean"], "rougeL": c["rougeL"], "n": c["n"]} for pair in headline_cells(summary, ds) for c in pair if c}
         for ds in summary["datasets"]
     }
-    write("ablation", {"run": summary["run"]["id"], "limit": args.limit, "wall_s": summary["run"]["wall_s"], "report": str(out / "report.md"),
+    write("ablation" if config.name == "default" else f"ablation-{config.name}", {"run": summary["run"]["id"], "limit": args.limit, "wall_s": summary["run"]["wall_s"], "report": report_path(out),
                        "headline": headline, "notes": summary["notes"]})
     print((out / "report.md").read_text().split("### What retrieval adds")[0])
 

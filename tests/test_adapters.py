@@ -372,6 +372,8 @@ def test_the_shipped_default_loads_and_answers(retriever):
 
     answerers = load_answerers([get_spec("gemma-270m-aiml"), get_spec("gemma-270m")], retriever)
     question = "What does dropout do during training?"
-    tuned, base = (answerers[m].answer(question, k=2, max_new_tokens=32) for m in ("gemma-270m-aiml", "gemma-270m"))
-    assert tuned.model == "gemma-270m-aiml" and tuned.rag and len(tuned.sources) == 2
-    assert len(tuned.text.split()) >= 3 and tuned.text != base.text
+    tuned = answerers["gemma-270m-aiml"].answer(question, k=2, max_new_tokens=32)
+    assert tuned.model == "gemma-270m-aiml" and tuned.rag and len(tuned.sources) == 2 and len(tuned.text.split()) >= 3
+    # ungrounded, the adapter is what answers: the base says something else
+    plain = {m: answerers[m].answer(question, rag=False, max_new_tokens=24).text for m in answerers}
+    assert plain["gemma-270m-aiml"] != plain["gemma-270m"] and "ropout" in plain["gemma-270m-aiml"]

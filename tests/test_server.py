@@ -157,12 +157,14 @@ def test_answer_with_sources_matches_the_answerer(client, answerers):
     body = r.json()
     assert set(body) == {"answer", "sources", "model", "rag", "usage", "timings"}
     assert body["model"] == TINY and body["rag"] is True and len(body["sources"]) == 2
-    assert all(set(s) == {"text", "source", "section", "score"} for s in body["sources"])
+    assert all(set(s) == {"text", "source", "section", "section_id", "score"} for s in body["sources"])
     scores = [s["score"] for s in body["sources"]]
     assert scores == sorted(scores, reverse=True)
     assert "dropout" in body["sources"][0]["text"].lower()
     direct = answerers[TINY].answer(QUESTION, rag=True, k=2)
     assert body["answer"] == direct.text and body["usage"]["prompt_tokens"] == direct.prompt_tokens
+    assert [s["section_id"] for s in body["sources"]] == [s.section_id for s in direct.sources]  # the CLI's citation ids
+    assert all(re.fullmatch(r"unit\d/[\w-]+(#[\w-]+)?|[\w.-]+", s["section_id"]) for s in body["sources"]), body["sources"]
     assert set(body["timings"]) == {"retrieve_ms", "generate_ms", "queue_ms"} and body["timings"]["generate_ms"] > 0
 
     beams = ask(client, {"question": QUESTION, "model": TINY, "top_k": 2, "num_beams": 3, "max_new_tokens": 6}).json()
