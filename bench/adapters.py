@@ -132,14 +132,17 @@ def main() -> None:
             t3 = time.perf_counter()
             http.post("/v1/answer", json={"question": q, "model": "gemma-270m-aiml", "max_new_tokens": args.tokens}).raise_for_status()
             t4 = time.perf_counter()
-            loads.append({"load_s": t1 - t0, "load_to_first_token_s": t2 - t0, "full_answer_on_new_s": t3 - t2,
-                          "full_answer_on_loaded_s": t4 - t3})
+            http.post("/v1/answer", json={"question": qs[i], "model": "gemma-270m-aiml", "max_new_tokens": 1}).raise_for_status()
+            t5 = time.perf_counter()
+            loads.append({"load_s": t1 - t0, "load_to_first_token_s": t2 - t0, "first_token_on_loaded_s": t5 - t4,
+                          "full_answer_on_new_s": t3 - t2, "full_answer_on_loaded_s": t4 - t3})
             if i:
                 http.post("/v1/unload_lora_adapter", json={"lora_name": name}).raise_for_status()
         med = {k: round(statistics.median(x[k] for x in loads), 3) for k in loads[0]}
         result["load"] = {"median": med, "rounds": [{k: round(v, 3) for k, v in x.items()} for x in loads],
                           "target_s": TARGET_LOAD_TO_ANSWER_S, "pass": med["load_to_first_token_s"] <= TARGET_LOAD_TO_ANSWER_S,
-                          "new_over_loaded_answer_time": round(med["full_answer_on_new_s"] / med["full_answer_on_loaded_s"], 3)}
+                          "new_over_loaded_answer_time": round(med["full_answer_on_new_s"] / med["full_answer_on_loaded_s"], 3),
+                          "what_loading_adds_s": round(med["load_to_first_token_s"] - med["first_token_on_loaded_s"], 3)}
 
         # 1. mixed vs one adapter vs the base, the same questions, alternating rounds
         mix = ["gemma-270m", "gemma-270m-aiml", "second-0"]
@@ -159,7 +162,8 @@ def main() -> None:
     print(f"mixed {t['median']['mixed']['tokens_per_s']} tok/s vs one adapter {t['median']['one_adapter']['tokens_per_s']} tok/s "
           f"(base alone {t['median']['base_only']['tokens_per_s']}): {t['mixed_over_one_adapter']:.2f}x, target >= {TARGET_MIXED_RATIO}: "
           f"{'PASS' if t['pass'] else 'FALL SHORT'}")
-    print(f"load_lora_adapter to its first answer token {ld['median']['load_to_first_token_s']:.2f} s (load {ld['median']['load_s']:.2f} s), "
+    print(f"load_lora_adapter to its first answer token {ld['median']['load_to_first_token_s']:.2f} s (the load call {ld['median']['load_s']:.2f} s; "
+          f"the same first token on an adapter already loaded {ld['median']['first_token_on_loaded_s']:.2f} s), "
           f"target <= {TARGET_LOAD_TO_ANSWER_S} s: {'PASS' if ld['pass'] else 'FALL SHORT'}")
     print(json.dumps({"mixed_over_one_adapter": t["mixed_over_one_adapter"], "load": ld["median"]}))
 

@@ -73,7 +73,7 @@ def texts(gens) -> list[str]:
 
 
 def test_mixed_adapter_batch_equals_each_adapter_alone_and_unload_restores_the_base(tiny, root):
-    from rag.generators.hf import TransformersGenerator, is_peft
+    from rag.generators.hf import StackedLoRA, TransformersGenerator, is_peft
 
     gen = TransformersGenerator(gemma_spec(tiny))
     base = texts(gen.generate(PROMPTS, GREEDY))
@@ -83,11 +83,22 @@ def test_mixed_adapter_batch_equals_each_adapter_alone_and_unload_restores_the_b
     assert one != base and two != base and one != two  # each adapter changes the model, differently
     calls = []
     inner = gen.model.generate
-    gen.model.generate = lambda *a, **kw: calls.append(kw.get("adapter_names")) or inner(*a, **kw)
+    gen.model.generate = lambda *a, **kw: calls.append(kw) or inner(*a, **kw)
     mixed = texts(gen.generate(PROMPTS, GREEDY, ["one", None, "two"]))
-    del gen.model.generate
     assert mixed == [one[0], base[1], two[2]]  # each row through its own adapter
-    assert calls == [["one", "__base__", "two"]]  # in one generate call, not one per adapter
+    assert len(calls) == 1  # in one generate call, not one per adapter
+    # peft's own mixed batches (where the stacked path cannot serve, e.g. DoRA) give the same answers
+    gen._stacked, build = None, StackedLoRA.build
+    StackedLoRA.build = classmethod(lambda cls, model, names: None)
+    try:
+        assert texts(gen.generate(PROMPTS, GREEDY, ["one", None, "two"])) == mixed
+        assert calls[-1]["adapter_names"] == ["one", "__base__", "two"]
+    finally:
+        StackedLoRA.build = build
+        del gen.model.generate
+    # beam search repeats each row for its beams: the stacked path follows, as peft's does
+    beams = GenerationConfig(max_new_tokens=6, num_beams=2)
+    assert texts(gen.generate(PROMPTS, beams, ["two", "one", None])) == [texts(gen.generate([p], beams, [a]))[0] for p, a in zip(PROMPTS, ["two", "one", None])]
     assert texts(gen.generate(PROMPTS, GREEDY, [None] * 3)) == base
     with pytest.raises(UserError, match="'three' is not loaded; loaded: one, two"):
         gen.generate(PROMPTS[:1], GREEDY, ["three"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -125,6 +126,7 @@ class TransformersGenerator:
         self.device = pick_device(device)
         self.adapters: dict[str, str] = {}  # name -> path, the adapters loaded beside the base
         self.default_adapter: str | None = None  # what a prompt without an adapter of its own uses
+        self._stacked: StackedLoRA | None = None  # every adapter's weights stacked, for mixed batches
         self._lock = threading.Lock()  # one generate() (or adapter change) at a time; callers batch instead
         if model is None:
             merge = spec.merge_adapter or not spec.adapter
@@ -169,6 +171,7 @@ class TransformersGenerator:
                 self.model.to(self.device)
             self.model.eval()
             self.adapters[name] = str(path)
+            self._stacked = None
 
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's weights; waits for a running generate() (which may use it) to finish."""
@@ -180,12 +183,14 @@ class TransformersGenerator:
             else:
                 self.model.delete_adapter(name)
             del self.adapters[name]
+            self._stacked = None
             if self.default_adapter == name:
                 self.default_adapter = None
 
     def _route(self, adapters: list[str | None] | None, n: int):
         """The context that sends each row through its adapter: none for a uniform batch (the active
-        adapter, or the base with adapters disabled), peft's per-row routing for a mixed one."""
+        adapter, or the base with adapters disabled); for a mixed one, `StackedLoRA` (peft's own
+        `adapter_names` routing where that cannot serve). Returns (context, extra generate kwargs)."""
         from contextlib import nullcontext
 
         names = adapters if adapters is not None else [self.default_adapter] * n
@@ -200,7 +205,12 @@ class TransformersGenerator:
                 return self.model.disable_adapter(), {}
             self.model.set_adapter(names[0])
             return nullcontext(), {}
-        return nullcontext(), {"adapter_names": [a or BASE for a in names]}
+        key = tuple(self.adapters)
+        if self._stacked is None or self._stacked.names != key:
+            self._stacked = StackedLoRA.build(self.model, key)
+        if self._stacked is None:
+            return nullcontext(), {"adapter_names": [a or BASE for a in names]}
+        return self._stacked.route(self.model, [0 if a is None else key.index(a) + 1 for a in names]), {}
 
     # --- generation ---------------------------------------------------------------------
 
@@ -255,6 +265,75 @@ class TransformersGenerator:
 
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class StackedLoRA:
+    """Per-row LoRA for a batch that mixes adapters. In every adapted layer the adapters' A matrices
+    are concatenated into one (N*r x in) matrix and their B matrices (pre-scaled) into one (N*r x
+    out); a row's mask keeps only its own adapter's r columns (none for the base). A layer then costs
+    two matmuls and a multiply whatever the number of adapters (the segmented LoRA of Punica and
+    S-LoRA, in plain torch ops). peft's own mixed batches loop over the adapters in every layer."""
+
+    def __init__(self, names: tuple[str, ...], layers: list, rank: int):
+        self.names, self.layers, self.rank = names, layers, rank  # layers: (LoRA module, A cat^T, B cat)
+
+    @classmethod
+    def build(cls, model, names: tuple[str, ...]) -> "StackedLoRA | None":
+        """None where only peft can serve the mix (DoRA, or a layer kind other than Linear)."""
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        found = [m for m in model.modules() if isinstance(m, LoraLayer) and any(n in m.lora_A for n in names)]
+        if any(not isinstance(m, LoraLinear) or any(m.use_dora.get(n) for n in names) for m in found):
+            return None
+        r = max((m.r[n] for m in found for n in names if n in m.lora_A), default=0)
+        layers = []
+        for module in found:
+            ref = module.lora_A[next(n for n in names if n in module.lora_A)].weight
+            a_cat = torch.zeros(len(names) * r, module.in_features, dtype=ref.dtype, device=ref.device)
+            b_cat = torch.zeros(len(names) * r, module.out_features, dtype=ref.dtype, device=ref.device)
+            for i, n in enumerate(names):
+                if n in module.lora_A:
+                    a, b = module.lora_A[n].weight, module.lora_B[n].weight  # (r_n, in), (out, r_n)
+                    a_cat[i * r : i * r + a.shape[0]] = a
+                    b_cat[i * r : i * r + b.shape[1]] = (b * module.scaling[n]).T
+            layers.append((module, a_cat.T.contiguous(), b_cat))
+        return cls(names, layers, r)
+
+    @contextmanager
+    def route(self, model, rows: list[int]):
+        """Adapters disabled (every LoRA layer computes its base only) and a hook on each adapted layer
+        adding its rows' deltas. `rows`: per prompt, 1 + its adapter's index in `names`, 0 for the
+        base. Beam search repeats each prompt's mask for its beams."""
+        if not self.layers:
+            with model.disable_adapter():
+                yield
+            return
+        ref = self.layers[0][1]
+        mask = torch.zeros(len(rows), 1, len(self.names) * self.rank, dtype=ref.dtype, device=ref.device)
+        for row, a in enumerate(rows):
+            if a:
+                mask[row, 0, (a - 1) * self.rank : a * self.rank] = 1
+        masks = {len(rows): mask}
+
+        def hook(a_cat_t, b_cat):
+            def add_delta(module, args, out):
+                x = args[0]
+                if x.shape[0] not in masks:
+                    masks[x.shape[0]] = mask.repeat_interleave(x.shape[0] // len(rows), dim=0)
+                flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_cat_t.dtype)
+                delta = ((flat @ a_cat_t) * masks[x.shape[0]]) @ b_cat
+                return out + delta.reshape(*out.shape[:-1], delta.shape[-1]).to(out.dtype)
+
+            return add_delta
+
+        handles = [m.register_forward_hook(hook(a, b)) for m, a, b in self.layers]
+        try:
+            with model.disable_adapter():
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def is_peft(model) -> bool:
