@@ -37,6 +37,9 @@ bench: install
 	$(PY) bench/serve_load.py
 	$(PY) bench/ablation.py --limit 100
 	$(PY) bench/decoding.py --limit 100
+	$(PY) bench/ablation.py --config bench/default.yaml --limit 100
+	$(PY) bench/adapters.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

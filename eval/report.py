@@ -265,8 +265,21 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def portable(obj):
+    """Paths as a reader elsewhere can follow them: inside the repository relative to it, beside it
+    as `../`, under AIMLQA_HOME as `$AIMLQA_HOME/`; a result file must not carry this machine's layout."""
+    from aimlqa import settings
+
+    text = json.dumps(obj)
+    for prefix, short, alone in ((settings.home(), "$AIMLQA_HOME/", "$AIMLQA_HOME"), (settings.REPO_ROOT, "", "."), (settings.REPO_ROOT.parent, "../", "..")):
+        escaped = json.dumps(str(prefix))[1:-1]
+        text = text.replace(f'"{escaped}"', f'"{alone}"').replace(f"{escaped}/", short)
+    return json.loads(text)
+
+
 def write_outputs(summary: dict, predictions: list[dict], out: Path) -> dict[str, Path]:
     out = Path(out)
+    summary = portable(summary)
     paths = {name: out / name for name in ("predictions.jsonl", "summary.json", "summary.csv", "report.md", CHART)}
     write_jsonl(paths["predictions.jsonl"], predictions)
     write_json(paths["summary.json"], summary)

@@ -36,7 +36,12 @@ def test_recipe_trains_saves_registers_and_answers(family, tiny_models, tmp_path
         assert spec.adapter is None and any(not torch.equal(before[k], v) for k, v in after.state_dict().items() if k in before)
     else:
         assert spec.adapter and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
-    assert answerer.answer("What is dropout number 3?", rag=False).completion_tokens >= 0
+        # the adapter answers, and it is the trained one: peft starts lora_B at zero, training moved it
+        assert answerer.adapter == f"tuned-{family}"
+        assert any(w.abs().sum() > 0 for n, w in after.named_parameters() if "lora_B" in n)
+    assert m["final_metrics"]["eval_rougeL"] == m["best_metric"]  # the kept checkpoint is the best one
+    a = answerer.answer("What is dropout number 3?", rag=False)
+    assert 0 < a.prompt_tokens and a.completion_tokens <= 8 and a.model == f"tuned-{family}"
 
 
 def test_answer_only_loss_ignores_prompt_tokens(tiny_models):
