@@ -24,13 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from common import write  # noqa: E402  (sets sys.path)
@@ -39,24 +36,6 @@ import httpx
 
 TARGET_MIXED_RATIO = 0.8
 TARGET_LOAD_TO_ANSWER_S = 2.0
-
-
-@contextmanager
-def live(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def second_adapter(shipped: Path, root: Path) -> Path:
@@ -101,6 +80,7 @@ def main() -> None:
     from rag.registry import get_spec
     from serve_load import bench_index, questions
     from server import ServerConfig, create_app
+    from server.local import live
 
     root = Path(tempfile.mkdtemp(prefix="aimlqa-adapters-"))
     shipped = get_spec("gemma-270m-aiml")

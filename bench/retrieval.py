@@ -19,7 +19,8 @@ from aimlqa import settings
 from index.corpus import load_corpus
 from index.embed import Embedder
 from index.qa import load_qa, select_split
-from index.retriever import MODES, Retriever, build_bm25, build_index
+from aimlqa.settings import MODES
+from index.retriever import Retriever, build_bm25, build_index
 from index.store import BuildConfig, write_index
 
 GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18"

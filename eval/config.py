@@ -13,9 +13,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aimlqa import settings
-from aimlqa.settings import UserError, read_yaml_mapping, validation_message
+from aimlqa.settings import MODES, UserError, read_yaml_mapping, validation_message
 from eval.metrics import HIT_THRESHOLD
-from index.retriever import MODES
 
 Split = Literal["train", "validation", "test", "all"]
 Mode = Literal[MODES]  # the retriever's own list: dense, bm25, hybrid
@@ -103,10 +102,6 @@ class AblationConfig(_Strict):
         if True in self.rag and not self.modes:
             raise ValueError("grounded cells need at least one retrieval mode")
         return self
-
-    @property
-    def needs_index(self) -> bool:
-        return True in self.rag or "retrieval-only" in self.models
 
     def resolved(self, base: Path) -> "AblationConfig":
         """A copy with every path expanded and made absolute against `base`."""

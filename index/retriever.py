@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aimlqa.settings import DEFAULT_MODE, MODES, UserError, check_mode
+from aimlqa.settings import DEFAULT_MODE, UserError, check_mode
 from index.corpus import Chunk
 from index.embed import Embedder
 from index.store import manifest_hash, read_manifest

@@ -103,7 +103,7 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
         use_rag, found = answerer.retrieve([items[i][1] for i in rows], rag, k, mode)
         for i, h in zip(rows, found):
             hits[i], used[i] = h, use_rag
-    retrieve_ms = (time.perf_counter() - t0) * 1000 / len(items)
+    retrieve_ms = (time.perf_counter() - t0) * 1000 / max(sum(used), 1)  # per question that retrieved
     first = items[0][0]
     if first.retrieval_only:
         return [a._retrieval_answer(h, retrieve_ms) for (a, _), h in zip(items, hits)]
@@ -129,7 +129,7 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
             rag=use,
             prompt_tokens=g.prompt_tokens,
             completion_tokens=g.completion_tokens,
-            timings={"retrieve_ms": round(retrieve_ms, 2), "generate_ms": round(generate_ms, 2)},
+            timings={"retrieve_ms": round(retrieve_ms, 2) if use else 0.0, "generate_ms": round(generate_ms, 2)},
             prompt=prompt,
         )
         for (a, _), g, h, prompt, use in zip(items, gens, kept, prompts, used)

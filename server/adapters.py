@@ -33,11 +33,16 @@ def locate(root: Path, lora_path: str) -> AdapterDir:
     """The adapter `lora_path` names (relative to `root`, or absolute inside it), checked; an
     ApiError says what is wrong otherwise."""
     root = Path(root)
+    if any(ord(c) < 32 for c in lora_path):
+        raise bad(f"lora_path {lora_path!r} holds control characters; give a directory name under the adapters directory")
     given = Path(lora_path)
     if ".." in given.parts:
         raise bad(f"lora_path {lora_path!r} contains '..'; name a directory under the adapters directory", "path_outside_root", 403)
-    real_root = root.resolve()
-    real = (given if given.is_absolute() else root / given).resolve()
+    try:
+        real_root = root.resolve()
+        real = (given if given.is_absolute() else root / given).resolve()
+    except (OSError, ValueError) as e:
+        raise bad(f"lora_path {lora_path!r} is not a usable path ({e})") from None
     if not real.is_relative_to(real_root):
         raise bad(f"lora_path {lora_path!r} is outside the adapters directory {root}; only adapters under it can be loaded "
                   "(`aimlqa finetune` writes them there)", "path_outside_root", 403)

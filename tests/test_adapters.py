@@ -205,7 +205,7 @@ def test_bad_adapter_requests_are_4xx_that_say_why_and_change_nothing(served, ro
     elsewhere = write_adapter(tiny["gemma3"], tmp_path / "elsewhere", seed=5)
     (root / "escape").symlink_to(elsewhere, target_is_directory=True)
     write_adapter(tiny["gpt2"], root / "gpt2-run", seed=6, targets=("c_attn",))
-    liar = write_adapter(tiny["gpt2"], root / "liar", seed=7, targets=("c_attn",), base=answerers["tiny-gemma3"].spec.base)
+    write_adapter(tiny["gpt2"], root / "liar", seed=7, targets=("c_attn",), base=answerers["tiny-gemma3"].spec.base)
     corrupt_copy(root / "two", root / "corrupt")
     (root / "no-manifest").mkdir()
     write_adapter(tiny["gemma3"], root / "no-manifest", seed=8)
@@ -225,13 +225,15 @@ def test_bad_adapter_requests_are_4xx_that_say_why_and_change_nothing(served, ro
         ({"lora_name": "x", "lora_path": "no-manifest"}, 400, "has no manifest.json"),
         ({"lora_name": "x", "lora_path": "bad-json"}, 400, "manifest.json is not valid JSON"),
         ({"lora_name": "x", "lora_path": "missing"}, 404, "no such directory"),
+        ({"lora_name": "x", "lora_path": "two\u0000"}, 400, "holds control characters"),
+        ({"lora_name": "x", "lora_path": "two\udc80"}, 422, "lora_path: Input should be a valid string"),
         ({"lora_name": "one", "lora_path": "two"}, 409, "already served"),
         ({"lora_name": "tiny-gemma3", "lora_path": "two"}, 409, "already served"),
         ({"lora_name": "../x", "lora_path": "two"}, 422, "lora_name"),
         ({"lora_name": "x", "lora_path": "two", "lora_pth": "y"}, 422, "lora_pth: unknown field"),
     ]
-    for body, status, message in cases:
-        r = client.post("/v1/load_lora_adapter", json=body)
+    for body, status, message in cases:  # json.dumps escapes a lone surrogate, which httpx's json= cannot send
+        r = client.post("/v1/load_lora_adapter", content=json.dumps(body), headers={"Content-Type": "application/json"})
         assert r.status_code == status and message in r.json()["error"]["message"], (body, r.text)
         assert served_ids(client) == before_models
     assert set(answerers["tiny-gemma3"].generator.adapters) == {"one"}
@@ -311,7 +313,7 @@ def test_train_register_and_score_through_the_server(tiny, retriever, tmp_path, 
     from rag.registry import register
     from rag.remote import ServerClient
     from server import ServerConfig, create_app
-    from tests.test_server import live
+    from server.local import live
 
     register("tiny-gemma3", family="gemma3", base=str(tiny["gemma3"]), context_window=256, max_new_tokens=8, dtype="float32")
     app = create_app(pool(tiny, retriever), config=ServerConfig(api_keys=frozenset()))
@@ -341,7 +343,7 @@ def test_train_register_and_score_through_the_server(tiny, retriever, tmp_path, 
 
 def test_the_adapters_command_lists_loads_and_explains_refusals(tiny, root, retriever, tmp_path):
     from server import ServerConfig, create_app
-    from tests.test_server import live
+    from server.local import live
 
     app = create_app(pool(tiny, retriever), config=ServerConfig(api_keys=frozenset(), adapters_root=root))
 

@@ -63,20 +63,6 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def load_generator(spec, **overrides) -> "Generator":
-    """The generator a registry entry names; GPU-only back ends are imported only when asked for."""
-    backend = overrides.pop("backend", None) or spec.backend
-    if backend == "transformers":
-        from rag.generators.hf import TransformersGenerator
-
-        return TransformersGenerator(spec, **overrides)
-    if backend == "vllm":
-        from rag.generators.vllm import VLLMGenerator
-
-        return VLLMGenerator(spec, **overrides)
-    raise UserError(f"model {spec.name!r} has backend {backend!r}, which does not generate text")
-
-
 def default_config(spec, template_stop: tuple[str, ...] = (), **overrides) -> GenerationConfig:
     fields = dict(
         max_new_tokens=spec.max_new_tokens,

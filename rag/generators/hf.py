@@ -352,6 +352,17 @@ def strip_adapter_layers(model) -> None:
             setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
 
 
+def in_out_features(layer) -> tuple[int, int] | None:
+    """A layer LoRA can adapt: nn.Linear, or GPT-2's Conv1D (its weight stored in x out)."""
+    if layer is None:
+        return None
+    if hasattr(layer, "in_features"):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D":
+        return tuple(layer.weight.shape)
+    return None
+
+
 def check_adapter_fits(model, path: str) -> None:
     """Read an adapter dir and check every LoRA matrix against the layer it adapts, before the model
     is touched: a corrupt file, another architecture or another size is a UserError saying which."""
@@ -372,10 +383,10 @@ def check_adapter_fits(model, path: str) -> None:
             continue
         where = key.removeprefix("base_model.model.").split(".lora_")[0]
         layer = modules.get(where)
-        layer = getattr(layer, "base_layer", layer)
-        if layer is None or not hasattr(layer, "in_features"):
+        sizes = in_out_features(getattr(layer, "base_layer", layer))
+        if sizes is None:
             raise UserError(f"{path}: adapts `{where}`, which this model does not have: it was trained on another base model")
-        want = layer.in_features if ".lora_A" in key else layer.out_features
+        want = sizes[0] if ".lora_A" in key else sizes[1]
         got = tensor.shape[1] if ".lora_A" in key else tensor.shape[0]
         if got != want:
             raise UserError(f"{path}: `{where}` is {want} wide in this model but {got} in the adapter: it was trained on another base model")
