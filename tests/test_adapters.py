@@ -390,3 +390,45 @@ def test_the_shipped_default_loads_and_answers(retriever):
     # ungrounded, the adapter is what answers: the base says something else
     plain = {m: answerers[m].answer(question, rag=False, max_new_tokens=24).text for m in answerers}
     assert plain["gemma-270m-aiml"] != plain["gemma-270m"] and "ropout" in plain["gemma-270m-aiml"]
+
+
+def test_vllm_serves_many_adapters_with_a_lora_request_per_prompt(monkeypatch):
+    # No GPU here: vLLM itself is faked (LLM, SamplingParams, LoRARequest, the engine's remove_lora);
+    # what runs is our side, which must send each prompt its own adapter's request in one generate call.
+    import types
+    from collections import namedtuple
+
+    from rag.generators import vllm as backend
+
+    calls = {"generate": [], "removed": []}
+    LoRARequest = namedtuple("LoRARequest", "lora_name lora_int_id lora_path")
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["llm"] = kw
+            self.llm_engine = types.SimpleNamespace(remove_lora=calls["removed"].append)
+
+        def get_tokenizer(self):
+            return lambda text: {"input_ids": text.split()}
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=False):
+            calls["generate"].append(lora_request)
+            out = types.SimpleNamespace(text=" ok", token_ids=[1], finish_reason="stop")
+            return [types.SimpleNamespace(prompt_token_ids=p.split(), outputs=[out]) for p in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", types.SimpleNamespace(LoRARequest=LoRARequest))
+    monkeypatch.setattr(backend, "require_vllm", lambda: types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    gen = backend.VLLMGenerator(tiny_spec("llama", "unused", backend="vllm", name="tuned", adapter="/adapters/tuned"))
+    assert calls["llm"]["enable_lora"] is True  # always on, so adapters can be added while serving
+    gen.load_adapter("other", "/adapters/other")
+    with pytest.raises(UserError, match="already loaded"):
+        gen.load_adapter("other", "/adapters/x")
+    gen.generate(["a b", "c d", "e f"], GREEDY, ["tuned", None, "other"])
+    assert [r and (r.lora_name, r.lora_int_id, r.lora_path) for r in calls["generate"][-1]] == [
+        ("tuned", 1, "/adapters/tuned"), None, ("other", 2, "/adapters/other")]
+    gen.generate(["a b"], GREEDY)  # a prompt without an adapter of its own: the entry's adapter
+    assert calls["generate"][-1][0].lora_name == "tuned"
+    gen.unload_adapter("other")
+    assert calls["removed"] == [2] and gen.adapters == {"tuned": "/adapters/tuned"}
+    with pytest.raises(UserError, match="'other' is not loaded"):
+        gen.generate(["a b"], GREEDY, ["other"])
