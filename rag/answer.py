@@ -6,24 +6,16 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from aimlqa.settings import DEFAULT_MODE, UserError, check_mode
+from index.retriever import Passage
 from rag.generators.base import default_config
 from rag.postprocess import clean_answer
 from rag.prompts import build_prompt, template_for
 
 
 @dataclass
-class Source:
-    text: str
-    source: str
-    section: str
-    section_id: str
-    score: float
-
-
-@dataclass
 class Answer:
     text: str
-    sources: list[Source]
+    sources: list[Passage]  # the retrieved passages that grounded it: one record from index to REST
     model: str
     rag: bool
     prompt_tokens: int = 0
@@ -78,7 +70,7 @@ class Answerer:
             text = top.split("\nAnswer:", 1)[1].strip() if top.startswith("Question:") and "\nAnswer:" in top else " ".join(top.split())
         return Answer(
             text=text,
-            sources=[Source(p.text, p.source, p.section, p.section_id, p.score) for p in hits],
+            sources=list(hits),
             model=self.spec.name,
             rag=True,
             timings={"retrieve_ms": round(retrieve_ms, 2), "generate_ms": 0.0},
@@ -124,7 +116,7 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
     return [
         Answer(
             text=clean_answer(g.text, truncated=g.finish_reason == "length"),
-            sources=[Source(p.text, p.source, p.section, p.section_id, p.score) for p in h],
+            sources=list(h),
             model=a.spec.name,
             rag=use,
             prompt_tokens=g.prompt_tokens,

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aimlqa.settings import UserError
-from rag.answer import Answer, Source
+from index.retriever import Passage
+from rag.answer import Answer
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -93,7 +94,7 @@ class RemoteAnswerer:
 def to_answer(reply: dict) -> Answer:
     return Answer(
         text=reply["answer"],
-        sources=[Source(s["text"], s["source"], s["section"], s.get("section_id", ""), s["score"]) for s in reply["sources"]],
+        sources=[Passage(**s) for s in reply["sources"]],
         model=reply["model"],
         rag=reply["rag"],
         prompt_tokens=reply["usage"]["prompt_tokens"],

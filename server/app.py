@@ -24,7 +24,7 @@ from server.errors import ApiError, describe_validation, request_id
 from server.metrics import Metrics
 from server.middleware import RequestContext
 from server.schemas import (AdapterStatus, AnswerRequest, AnswerResponse, ErrorResponse, LoadLoraAdapterRequest, ModelCard, ModelList, SeedRequest,
-                            SourceOut, Timings, UnloadLoraAdapterRequest, Usage)
+                            Timings, UnloadLoraAdapterRequest, Usage)
 from server.service import Loader, Result, Service
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -60,7 +60,7 @@ def answer_response(result: Result) -> AnswerResponse:
     a = result.answer
     return AnswerResponse(
         answer=a.text,
-        sources=[SourceOut.of(s) for s in a.sources],
+        sources=a.sources,
         model=a.model,
         rag=a.rag,
         usage=Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens),

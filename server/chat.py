@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from server.auth import require_key
 from server.errors import request_id
-from server.schemas import ChatChoice, ChatCompletion, ChatRequest, ChatResponseMessage, ChatUsage, SourceOut
+from server.schemas import ChatChoice, ChatCompletion, ChatRequest, ChatResponseMessage, ChatUsage
 from server.service import Result
 
 router = APIRouter(tags=["openai"])
@@ -43,7 +43,7 @@ def completion(result: Result, cid: str, created: int) -> ChatCompletion:
         model=a.model,
         choices=[ChatChoice(message=ChatResponseMessage(content=a.text), finish_reason=result.finish_reason)],
         usage=ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, total_tokens=a.prompt_tokens + a.completion_tokens),
-        sources=[SourceOut.of(s) for s in a.sources],
+        sources=a.sources,
     )
 
 
@@ -58,7 +58,7 @@ def chunks(full: ChatCompletion, include_usage: bool):
     yield event({"role": "assistant", "content": ""})
     for word in _words(full.choices[0].message.content):
         yield event({"content": word})
-    yield event({}, full.choices[0].finish_reason, sources=[s.model_dump() for s in full.sources])
+    yield event({}, full.choices[0].finish_reason, sources=full.model_dump(include={"sources"})["sources"])
     if include_usage:
         yield f"data: {json.dumps(head | {'choices': [], 'usage': full.usage.model_dump()})}\n\n"
     yield "data: [DONE]\n\n"

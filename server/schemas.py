@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from index.retriever import Passage
 from rag.generators.base import beams_problem
 from server.config import MAX_BEAMS, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K
 
@@ -71,19 +72,6 @@ class SeedRequest(_Question):
     model_name: str | None = model_field()
 
 
-class SourceOut(BaseModel):
-    text: str
-    source: str
-    section: str
-    section_id: str = Field(description="The citation id the CLI prints: unitN/topic#section")
-    score: float
-
-    @classmethod
-    def of(cls, source) -> "SourceOut":
-        """From a `rag.answer.Source`."""
-        return cls(text=source.text, source=source.source, section=source.section, section_id=source.section_id, score=source.score)
-
-
 ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -123,7 +111,7 @@ class Timings(BaseModel):
 
 class AnswerResponse(BaseModel):
     answer: str
-    sources: list[SourceOut]
+    sources: list[Passage] = Field(description="The retrieved passages: text, source file, section, section_id (the citation id the CLI prints), score, chunk_id")
     model: str
     rag: bool = Field(description="Whether retrieved passages grounded this answer")
     usage: Usage
@@ -243,4 +231,4 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage
-    sources: list[SourceOut] = Field(description="aimlqa extension: the passages that grounded the answer")
+    sources: list[Passage] = Field(description="aimlqa extension: the passages that grounded the answer")

@@ -136,7 +136,7 @@ def test_answer_with_sources_matches_the_answerer(client, answerers):
     body = r.json()
     assert set(body) == {"answer", "sources", "model", "rag", "usage", "timings"}
     assert body["model"] == TINY and body["rag"] is True and len(body["sources"]) == 2
-    assert all(set(s) == {"text", "source", "section", "section_id", "score"} for s in body["sources"])
+    assert all(set(s) == {"text", "source", "section", "section_id", "score", "chunk_id"} for s in body["sources"])
     scores = [s["score"] for s in body["sources"]]
     assert scores == sorted(scores, reverse=True)
     assert "dropout" in body["sources"][0]["text"].lower()
