@@ -432,3 +432,33 @@ def test_vllm_serves_many_adapters_with_a_lora_request_per_prompt(monkeypatch):
     assert calls["removed"] == [2] and gen.adapters == {"tuned": "/adapters/tuned"}
     with pytest.raises(UserError, match="'other' is not loaded"):
         gen.generate(["a b"], GREEDY, ["other"])
+
+
+from tests.test_server import browser  # noqa: E402,F401  (the headless Chromium fixture)
+
+
+def test_the_page_lists_an_adapter_loaded_live_and_drops_it_when_unloaded(browser, tiny, root, retriever):  # noqa: F811
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from server import ServerConfig, create_app
+    from server.local import live
+
+    app = create_app(pool(tiny, retriever), config=ServerConfig(api_keys=frozenset(), adapters_root=root))
+    with live(app) as url:
+        wait = WebDriverWait(browser, 20)
+        browser.get(url + "/")
+        wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded") == "true")
+        options = lambda: [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options]
+        assert options() == ["tiny-gemma3"]
+        assert httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "two", "lora_path": "two"}).status_code == 200
+        t0 = time.monotonic()
+        wait.until(lambda d: options() == ["tiny-gemma3", "two"])  # no reload: the page polls /v1/models
+        assert time.monotonic() - t0 < 7
+        Select(browser.find_element(By.ID, "model")).select_by_value("two")
+        browser.find_element(By.ID, "question").send_keys("What is dropout?")
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda d: "two," in d.find_element(By.ID, "meta").text)
+        assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "two"}).status_code == 200
+        wait.until(lambda d: options() == ["tiny-gemma3"])
