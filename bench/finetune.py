@@ -1,7 +1,7 @@
 """Fine-tuning throughput for `gemma-270m-lora` on CPU: our pipeline against the seed's.
 
 ours: dynamic padding, length-grouped batches, loss on answer tokens only, the output layer applied
-      only to answer positions (finetune.trainer.answer_only_loss).
+      only to answer positions (finetune.loss.answer_only_loss).
 seed: every example padded to 256 tokens, loss over the whole sequence through full logits.
 Same data (group18 train split, the recipe's prompts), same model, batch size and optimizer. Each
 variant runs in its own process (for its peak memory). Ours is timed over a whole epoch: its steps
@@ -61,7 +61,8 @@ def child(variant: str, steps: int, batch: int, precision: str = "auto", overrid
     from finetune.data import examples, tokenize
     from finetune.model import adapter_autocast, load_for_training
     from finetune.recipe import load_recipe
-    from finetune.trainer import answer_only_loss, make_collator
+    from finetune.loss import answer_only_loss
+    from finetune.trainer import make_collator
     from index.qa import load_qa, select_split
     from rag.prompts import template_for
     from rag.registry import get_spec

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from finetune.model import adapter_autocast, base_model
+
 ROWS_BYTES = 256 << 20  # float32 logits per chunk of rows: enough rows that the weight is read rarely
 _TINY = 1e-30  # float32's normal range ends at 1.2e-38
 _scratch: dict[tuple, torch.Tensor] = {}
@@ -98,3 +100,24 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, target: to
     rows = rows or max(1, ROWS_BYTES // (4 * weight.shape[0]))
     with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen here, in place
         return _FrozenLinearCrossEntropy.apply(hidden.contiguous(), weight, target, softcap, rows, grad_filter)
+
+
+def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the answer tokens, projecting only their hidden states through the output layer.
+
+    A causal LM's forward computes logits for every position; for Gemma 3 270M the 262k-word output
+    layer is 168M of its 268M parameters, and only the answer tokens need it.
+    """
+    labels = batch["labels"]
+    hf = base_model(model)
+    if hf.config.is_encoder_decoder:
+        with adapter_autocast(model):
+            return model(**batch).loss
+    backbone = getattr(hf, hf.base_model_prefix)
+    with adapter_autocast(model):
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = labels[:, 1:]
+    mask = target != -100
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    loss = linear_cross_entropy(hidden[:, :-1][mask], hf.get_output_embeddings(), target[mask], cap, grad_filter=grad_filter)
+    return loss / (num_items if num_items else mask.sum().clamp(min=1))

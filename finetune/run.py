@@ -8,27 +8,28 @@ import time
 from pathlib import Path
 
 from aimlqa import settings
+from aimlqa.settings import UserError
+from finetune.curve import write_loss_curve
 from finetune.data import build_train_index, contexts_for, data_hashes, examples, tokenize
+from finetune.interrupt import StopOnSignal
 from finetune.model import check_hardware, load_for_training
-from finetune.trainer import (
-    QATrainer,
-    StopOnSignal,
-    elapsed,
-    guard_resume,
-    last_checkpoint,
-    make_collator,
-    output_dir,
-    require_rows,
-    save_json,
-    training_arguments,
-    write_loss_curve,
-)
+from finetune.outputs import guard_resume, last_checkpoint, output_dir, save_json
+from finetune.trainer import QATrainer, make_collator, training_arguments
 from index.qa import load_many, split_records
 from index.store import versions
 from rag.answer import Answerer
 from rag.generators.hf import TransformersGenerator
 from rag.prompts import template_for
 from rag.registry import get_spec, register
+
+
+def elapsed(t0: float) -> float:
+    return round(time.perf_counter() - t0, 1)
+
+
+def require_rows(rows: list, what: str) -> None:
+    if not rows:
+        raise UserError(f"no {what} examples: check --data and the split fractions")
 
 
 def best_eval(state) -> dict:

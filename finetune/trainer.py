@@ -1,43 +1,17 @@
-"""The one trainer for every recipe: transformers' Trainer with an answer-only loss, validation by
-generated answers (ROUGE on real generations), best checkpoint kept, resume and clean Ctrl-C."""
+"""The one trainer for every recipe: transformers' Trainer with the answer-only loss (finetune.loss),
+validation by generated answers (ROUGE on real generations), the best checkpoint kept. A run's
+folder and resume guard are in finetune.outputs, Ctrl-C in finetune.interrupt, its curve in
+finetune.curve."""
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
-import signal
-import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from aimlqa.settings import UserError, ensure_dir
-from finetune.loss import linear_cross_entropy
-from finetune.model import adapter_autocast, base_model
-
-
-def answer_only_loss(model, batch, num_items: int | None = None, grad_filter: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on the answer tokens, projecting only their hidden states through the output layer.
-
-    A causal LM's forward computes logits for every position; for Gemma 3 270M the 262k-word output
-    layer is 168M of its 268M parameters, and only the answer tokens need it.
-    """
-    labels = batch["labels"]
-    hf = base_model(model)
-    if hf.config.is_encoder_decoder:
-        with adapter_autocast(model):
-            return model(**batch).loss
-    backbone = getattr(hf, hf.base_model_prefix)
-    with adapter_autocast(model):
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    target = labels[:, 1:]
-    mask = target != -100
-    cap = getattr(hf.config, "final_logit_softcapping", None)
-    loss = linear_cross_entropy(hidden[:, :-1][mask], hf.get_output_embeddings(), target[mask], cap, grad_filter=grad_filter)
-    return loss / (num_items if num_items else mask.sum().clamp(min=1))
+from finetune.loss import answer_only_loss
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -46,33 +20,6 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
     return {k: sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
-
-
-class StopOnSignal(TrainerCallback):
-    """Ctrl-C asks for a checkpoint at the end of the current step, then a clean stop."""
-
-    def __init__(self):
-        self.stop = False
-        self._previous = None
-
-    def install(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def uninstall(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, *_):
-        if self.stop:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\nstopping after this step with a checkpoint (Ctrl-C again to abort)", flush=True)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.stop:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 class QATrainer(Trainer):
@@ -113,34 +60,6 @@ class QATrainer(Trainer):
             if was_training:
                 self.model.train()
         return rouge(predictions, self.eval_references)
-
-
-def write_loss_curve(log_history: list[dict], out: Path) -> None:
-    rows = [{"step": h["step"], "loss": h.get("loss"), "eval_rougeL": h.get("eval_rougeL")} for h in log_history if "loss" in h or "eval_rougeL" in h]
-    with (out / "loss.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "eval_rougeL"])
-        w.writeheader()
-        w.writerows(rows)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    train = [(r["step"], r["loss"]) for r in rows if r["loss"] is not None]
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
-    evals = [(r["step"], r["eval_rougeL"]) for r in rows if r["eval_rougeL"] is not None]
-    if evals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*evals), "o-", color="tab:orange", label="validation ROUGE-L")
-        ax2.set_ylabel("ROUGE-L (generated)")
-    ax.set_title("fine-tuning")
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
 
 
 def resolve_precision(requested: str, cuda: bool) -> str:
@@ -202,64 +121,3 @@ def make_collator(tokenizer):
     pad_tok = copy.copy(tokenizer)
     pad_tok.padding_side = "right"
     return DataCollatorForSeq2Seq(pad_tok, model=None, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-
-
-def last_checkpoint(out: Path) -> str | None:
-    ck = out / "checkpoints"
-    return get_last_checkpoint(str(ck)) if ck.is_dir() else None
-
-
-RUN_MARKS = ("manifest.json", "checkpoints", "loss.csv", "train_index")  # what only a run writes
-
-
-def output_dir(out: Path) -> Path:
-    """The run's output dir, made if missing. A run replaces its adapter/model and checkpoints there,
-    so a folder holding anything else (not a run's output) is refused rather than written into."""
-    out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not any((out / f).exists() for f in RUN_MARKS):
-        raise UserError(f"--out {out} holds other files, not a fine-tuning run's output; pass a new or empty directory")
-    return ensure_dir(out)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    items = {}
-    for k, v in d.items():
-        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return items
-
-
-def guard_resume(out: Path, run: dict) -> str | None:
-    """The checkpoint to resume from, only if it came from this very run (recipe, base and data).
-
-    Resuming another run's checkpoint would load its optimizer and schedule under new settings or
-    new data and mix the two without a word; so a difference is refused, naming what changed."""
-    path = out / "checkpoints" / "run.json"
-    checkpoint = last_checkpoint(out)
-    if checkpoint and path.is_file():
-        before = _flat(json.loads(path.read_text()))
-        now = _flat(json.loads(json.dumps(run)))
-        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
-        if changed:
-            more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
-            raise UserError(
-                f"{out} holds checkpoints of a stopped run with other settings ({'; '.join(changed[:6])}{more}); "
-                f"run the same command as before to resume it, or pass another --out (or delete {out / 'checkpoints'}) to start afresh"
-            )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_json(path, run)
-    return checkpoint
-
-
-def save_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def elapsed(t0: float) -> float:
-    return round(time.perf_counter() - t0, 1)
-
-
-def require_rows(rows: list, what: str) -> None:
-    if not rows:
-        raise UserError(f"no {what} examples: check --data and the split fractions")

@@ -49,7 +49,7 @@ def test_answer_only_loss_ignores_prompt_tokens(tiny_models):
     full-logits loss restricted to the answer tokens."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.trainer import answer_only_loss
+    from finetune.loss import answer_only_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).eval()
     ids = torch.tensor([[1, 10, 11, 12, 13, 14, 15, 2]])
@@ -119,7 +119,7 @@ def test_adapter_autocast_runs_lora_in_bf16_and_keeps_float32_weights(tiny_model
     path to bf16 precision, and peft's own input cast is back on afterwards."""
     import contextlib
 
-    import finetune.trainer as trainer
+    import finetune.loss as trainer
     from finetune.model import load_for_training
     from rag.registry import ModelSpec
 
@@ -184,7 +184,7 @@ def test_answer_only_loss_gradients_match_full_logits_with_a_frozen_head(tiny_mo
     """Trained as under LoRA (output layer frozen): the same gradients as the full-logits loss."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.trainer import answer_only_loss
+    from finetune.loss import answer_only_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"]).eval()
     model.get_output_embeddings().weight.requires_grad_(False)  # tied to the input embeddings
@@ -256,7 +256,8 @@ def test_ctrl_c_checkpoints_then_resume(tiny_models, tmp_path, aimlqa_home, monk
 
     from finetune import run as run_mod
     from finetune.run import finetune
-    from finetune.trainer import StopOnSignal, last_checkpoint
+    from finetune.interrupt import StopOnSignal
+    from finetune.outputs import last_checkpoint
     from rag.registry import register
 
     register("tiny-gpt2", family="gpt2", base=str(tiny_models["gpt2"]), context_window=256)
@@ -345,7 +346,7 @@ def test_top_layers_adapts_only_the_top_and_backward_stops_below(family, tiny_mo
     """lora.top_layers=1 on a 2-layer model: adapters only in the top layer, and the backward pass
     never reaches the bottom one (what makes it cheaper)."""
     from finetune.model import load_for_training
-    from finetune.trainer import answer_only_loss
+    from finetune.loss import answer_only_loss
     from rag.registry import ModelSpec
 
     spec = ModelSpec(name=f"tiny-{family}", family=family, base=str(tiny_models[family]))
