@@ -462,3 +462,12 @@ def test_the_page_lists_an_adapter_loaded_live_and_drops_it_when_unloaded(browse
         wait.until(lambda d: "two," in d.find_element(By.ID, "meta").text)
         assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "two"}).status_code == 200
         wait.until(lambda d: options() == ["tiny-gemma3"])
+
+
+def test_finetune_register_checks_the_server_before_training(tmp_path):
+    """`--register URL` with no server there fails at once, before any model loads or trains."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "aimlqa", "finetune", "gemma-270m-lora", "--register", "http://127.0.0.1:9", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot reach the aimlqa server at http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists() and time.monotonic() - t0 < 60
