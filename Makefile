@@ -39,6 +39,7 @@ bench: install
 	$(PY) bench/decoding.py --limit 100
 	$(PY) bench/ablation.py --config bench/default.yaml --limit 100
 	$(PY) bench/adapters.py
+	$(PY) bench/streaming.py
 	$(PY) bench/report.py
 
 clean:

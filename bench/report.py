@@ -42,6 +42,13 @@ def adapters(d: dict) -> str:
             f"to its first answer token {ld['median']['load_to_first_token_s']:.2f} s (target {ld['target_s']:g} s: {_verdict(ld['pass'])})")
 
 
+def streaming(d: dict) -> str:
+    m = d["median"]
+    return (f"first streamed piece {m['first_piece_s']:.2f} s against {m['not_streamed_s']:.2f} s for the whole answer; "
+            f"{m['after_prefill_s']:.2f} s after the prefill (target {d['target_after_prefill_s']:.2f} s: {_verdict(d['pass'])}); "
+            f"streamed text equals the answer: {'yes' if d['all_same_text'] else 'no'}")
+
+
 def retrieval(d: dict) -> str:
     g = d["notes_gold_section"]
     return f"gold-section MRR {g['hybrid']['mrr']:.3f} hybrid ({g['dense']['mrr']:.3f} dense), R@5 {g['hybrid']['recall@5']:.3f}"
@@ -91,6 +98,7 @@ def headroom(d: dict) -> str:
 ROWS = [
     ("shipped default", "ablation-default-model.json", "bench/ablation.py --config bench/default.yaml", default_model),
     ("live adapters", "adapters.json", "bench/adapters.py", adapters),
+    ("streaming", "streaming.json", "bench/streaming.py", streaming),
     ("retrieval", "retrieval.json", "bench/retrieval.py", retrieval),
     ("generation", "generation.json", "bench/generation.py", generation),
     ("fine-tuning", "finetune.json", "bench/finetune.py", finetune),

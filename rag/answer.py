@@ -77,9 +77,11 @@ class Answerer:
         )
 
 
-def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3, mode: str | None = None, **gen) -> list[Answer]:
+def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3, mode: str | None = None,
+                 sinks: list | None = None, **gen) -> list[Answer]:
     """Questions for one or several Answerers that share a generator (a base and its adapters), in
-    one retrieval call per Answerer and one generate call for all: each row uses its own adapter."""
+    one retrieval call per Answerer and one generate call for all: each row uses its own adapter.
+    `sinks`: per question, None or a callable fed the raw generated text as it grows (streaming)."""
     if any(not q or not q.strip() for _, q in items):
         raise UserError("a question is empty; ask something")
     if not items:
@@ -110,6 +112,8 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
         prompts.append(prompt)
         kept.append(h[:n])
     routed = {"adapters": [a.adapter for a, _ in items]} if hasattr(first.generator, "load_adapter") else {}
+    if sinks and any(sinks) and getattr(first.generator, "streams", False):
+        routed["sinks"] = sinks
     t1 = time.perf_counter()
     gens = first.generator.generate(prompts, config, **routed)
     generate_ms = (time.perf_counter() - t1) * 1000 / len(items)

@@ -56,3 +56,44 @@ def clean_answer(text: str, truncated: bool) -> str:
     if truncated:
         text = last_complete_sentence(text)
     return text.strip()
+
+
+class StreamCleaner:
+    """What of an answer being generated can be shown already, so that the streamed pieces join to
+    what `clean_answer` makes of the whole. The first sentence goes out token by token (no earlier
+    sentence can make it a loop); each later one once it is complete and is not a loop. Text from a
+    line break on waits until it is clear that no stop sequence or passage marker begins there."""
+
+    def __init__(self, stop: tuple[str, ...] = ()):
+        self.stop = stop
+        self.sent = ""
+
+    def _visible(self, raw: str) -> str:
+        from rag.generators.base import cut_at_stop
+
+        text, _ = cut_at_stop(raw, self.stop)
+        lead = text.lstrip()
+        if lead.startswith("[") and "]" not in lead[:6]:
+            return ""  # perhaps a leading passage marker, "[1] ": wait for its end
+        text, _ = cut_at_next_passage(text)
+        if "\n" in text:
+            text = text[: text.rindex("\n")]  # a stop or a "[n]" marker may begin at the break
+        ends = [m.end() for m in _SENT_END.finditer(text)]
+        if not ends:
+            return text.strip()  # the first sentence, as it grows
+        return remove_loops(text[: ends[-1]]).strip()  # complete sentences; the one being written waits
+
+    def feed(self, raw: str) -> str:
+        """The new piece to show, given the whole raw text generated so far ("" when nothing new)."""
+        visible = self._visible(raw)
+        if not visible.startswith(self.sent) or len(visible) <= len(self.sent):
+            return ""
+        piece, self.sent = visible[len(self.sent) :], visible
+        return piece
+
+    def finish(self, final: str) -> str:
+        """The rest of the final (cleaned) answer; "" if the shown text is already all of it (or, in
+        a rare case where cleaning the whole changed what was shown, nothing more)."""
+        piece = final[len(self.sent) :] if final.startswith(self.sent) else ""
+        self.sent += piece
+        return piece

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 
 from aimlqa.settings import UserError
 from rag.answer import Answerer, answer_batch
+from rag.postprocess import StreamCleaner
 from server.adapters import locate
 from server.batching import Batcher, QueueFull, Stopped
 from server.config import ServerConfig
@@ -162,16 +163,28 @@ class Service:
     # --- answering ----------------------------------------------------------------------
 
     async def answer(self, model: str | None, question: str, *, rag: bool, k: int, max_new_tokens: int | None,
-                     temperature: float | None, request_id: str, num_beams: int | None = None) -> Result:
+                     temperature: float | None, request_id: str, num_beams: int | None = None,
+                     on_text: Callable[[str], None] | None = None) -> Result:
+        """`on_text`: called on the event loop with each new piece of the answer as it is generated
+        (the pieces join to the final answer's text), the last one before this returns."""
         t0 = time.monotonic()
         name, answerer = self.resolve(model)
+        sink = cleaner = None
+        if on_text is not None and answerer.generator is not None:
+            loop, cleaner = asyncio.get_running_loop(), StreamCleaner(answerer.template.stop)
+
+            def feed(raw: str) -> None:  # in the worker thread, after each decoding step
+                if piece := cleaner.feed(raw):
+                    loop.call_soon_threadsafe(on_text, piece)
+
+            sink = feed
         gen = answerer.generator
         wanted = max_new_tokens or answerer.spec.max_new_tokens
         if gen is not None and wanted >= gen.context_window:
             raise ApiError(400, f"max_new_tokens={wanted} does not fit {name}'s context window of {gen.context_window} tokens", "max_new_tokens")
         key = BatchKey(rag, k, max_new_tokens, *((temperature, num_beams, generation_defaults(answerer.spec)) if gen is not None else (None, None)))
         try:
-            job = self.batchers[self.pool_of[name]].submit((answerer, question), key)
+            job = self.batchers[self.pool_of[name]].submit((answerer, question, sink), key)
         except QueueFull as full:
             self.metrics.refused.labels(name, "queue_full").inc()
             raise ApiError(503, f"{name} has {self.config.queue_size} requests waiting; retry in {full.retry_after} s",
@@ -193,19 +206,22 @@ class Service:
             raise ApiError(500, f"generating the answer failed; quote request id {request_id} when reporting it", "generation_failed") from None
         finally:
             self._inflight[name] -= 1
+        if on_text is not None and (rest := cleaner.finish(answer.text) if cleaner else answer.text):
+            on_text(rest)
         self.metrics.observe_tokens(name, answer.prompt_tokens, answer.completion_tokens)
         limit = max_new_tokens or answerer.spec.max_new_tokens
         finish = "length" if gen is not None and answer.completion_tokens >= limit else "stop"
         return Result(answer, round(((job.started or t0) - job.enqueued) * 1000, 2), finish)
 
     def _work(self, items: list[tuple], key: BatchKey) -> list:
-        """One batch of (Answerer, question), in the worker thread (tokenizers are not safe to share
+        """One batch of (Answerer, question, sink or None), in the worker thread (tokenizers are not safe to share
         across threads, so questions are measured here, next to generation): a question that does not
         fit fails alone. The Answerers share one generator; each row runs through its own adapter."""
-        problems = [self._token_problem(a, q, key.max_new_tokens) for a, q in items]
+        problems = [self._token_problem(a, q, key.max_new_tokens) for a, q, _ in items]
         fits = [item for item, p in zip(items, problems) if p is None]
         gen = {} if items[0][0].generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature, "num_beams": key.num_beams}
-        answers = iter(answer_batch(fits, rag=key.rag, k=key.k, **gen) if fits else [])
+        pairs, sinks = [(a, q) for a, q, _ in fits], [sink for *_, sink in fits]
+        answers = iter(answer_batch(pairs, rag=key.rag, k=key.k, sinks=sinks, **gen) if fits else [])
         return [ApiError(400, p, "question_too_long") if p else next(answers) for p in problems]
 
     def _token_problem(self, answerer, question: str, max_new_tokens: int | None) -> str | None:

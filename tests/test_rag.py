@@ -336,3 +336,26 @@ def test_ask_says_when_an_answer_is_not_grounded_and_checks_the_mode(tiny_models
         assert bad.exit_code == 2 and "Invalid value for '--mode': unknown retrieval mode 'fuzzy'; choose one of dense, bm25, hybrid" in bad.output
     with pytest.raises(UserError, match="unknown retrieval mode 'fuzzy'"):
         Answerer(tiny_spec("gpt2", tiny_models["gpt2"]), mode="fuzzy")
+
+
+@pytest.mark.parametrize("raw, truncated", [
+    ("Dropout zeroes units at random. It trains an ensemble of thinned networks.", False),
+    ("\n[1] Dropout zeroes units. It trains thinned nets. Dropout zeroes units. It regularises.\nQuestion: next", False),
+    ("Bagging reduces variance. Boosting reduces bias.\n[4] Question: What is a tree?", False),
+    ("A kernel slides over the image. Each kernel gives one feature map. The weights are shar", True),
+    ("The learning rate scales the step", True),
+])
+def test_streamed_pieces_join_to_the_cleaned_answer(raw, truncated):
+    """What streaming shows as the text grows, plus the rest at the end, is exactly the final answer;
+    and the first sentence shows before the generation ends."""
+    from rag.generators.base import cut_at_stop
+    from rag.postprocess import StreamCleaner, clean_answer
+
+    stop = ("\nQuestion:",)
+    cleaner = StreamCleaner(stop)
+    shown = [(i, cleaner.feed(raw[:i])) for i in range(1, len(raw) + 1)]
+    pieces = [p for _, p in shown if p]
+    final = clean_answer(cut_at_stop(raw, stop)[0], truncated)
+    assert "".join(pieces) + cleaner.finish(final) == final
+    first = next(i for i, p in shown if p)
+    assert first < len(raw) // 2 and len(pieces) > 3  # token by token, not all at the end

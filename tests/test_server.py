@@ -695,3 +695,33 @@ def test_aimlqa_serve_refuses_clearly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "error: the models failed to load" in err and "needs a CUDA GPU" in err
     assert "Traceback" not in err
+
+
+def test_streaming_sends_tokens_as_they_are_decoded(answerers):
+    """stream: true on a tiny model whose every forward pass is slowed to 80 ms: the first content
+    arrives after about the prefill and one step, long before the generation ends, the pieces come
+    one decoding step apart, and they join to the non-streamed answer."""
+    import json as _json
+
+    tiny = answerers[TINY]
+    slow = Answerer(tiny.spec, tiny.retriever, generator=type(tiny.generator)(tiny.spec, model=tiny.generator.model, tokenizer=tiny.generator.tokenizer))
+    forward = slow.generator.model.forward
+    body = {"model": TINY, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 24, "rag": False}
+    with live(create_app({TINY: slow}, config=ServerConfig(api_keys=OPEN))) as url:
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()["choices"][0]["message"]["content"]
+        slow.generator.model.forward = lambda *a, **kw: (time.sleep(0.08), forward(*a, **kw))[1]
+        try:
+            t0, arrivals, pieces = time.monotonic(), [], []
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        delta = _json.loads(line[6:])["choices"][0]["delta"] if _json.loads(line[6:])["choices"] else {}
+                        if delta.get("content"):
+                            arrivals.append(time.monotonic() - t0)
+                            pieces.append(delta["content"])
+            end = time.monotonic() - t0
+        finally:
+            del slow.generator.model.forward
+    assert "".join(pieces) == whole, (pieces, whole)
+    assert len(pieces) >= 3 and arrivals[0] < end / 2, (arrivals, end)  # the first words long before the last
+    assert arrivals[0] < 0.08 * 4 + 0.5  # prefill and a step or two, plus the server's own overhead

@@ -118,8 +118,10 @@ def _contiguous_input(module, args):
 
 class TransformersGenerator:
     """One base model in memory and any number of LoRA adapters on it, loaded and unloaded while
-    serving. A batch may mix adapters (and the base): peft routes each row through its own adapter
-    in one forward pass (`adapter_names`), so requests for different adapters are not serialized."""
+    serving. A batch may mix adapters (and the base), each row through its own adapter in one forward
+    pass (`StackedLoRA`), so requests for different adapters are not serialized."""
+
+    streams = True  # generate() takes sinks that see each row's text as it is decoded
 
     def __init__(self, spec, device: str | None = None, model=None, tokenizer=None):
         self.spec = spec
@@ -215,9 +217,11 @@ class TransformersGenerator:
     # --- generation ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], config: GenerationConfig, adapters: list[str | None] | None = None) -> list[Generation]:
+    def generate(self, prompts: list[str], config: GenerationConfig, adapters: list[str | None] | None = None,
+                 sinks: list | None = None) -> list[Generation]:
         """`adapters`: per prompt, a loaded adapter's name or None for the base (default: the
-        entry's own adapter, if any, for every prompt)."""
+        entry's own adapter, if any, for every prompt). `sinks`: per prompt, None or a callable that
+        gets the prompt's whole generated text after every decoding step (streaming; not with beams)."""
         if not prompts:
             return []
         tok = self.tokenizer
@@ -239,6 +243,8 @@ class TransformersGenerator:
             from transformers import StoppingCriteriaList
 
             kwargs.update(stopping_criteria=StoppingCriteriaList([StopOnStrings(tok, config.stop, enc["input_ids"].shape[1])]))
+        if sinks and any(sinks) and config.num_beams == 1:
+            kwargs.update(streamer=RowStreamer(tok, sinks))
         with self._lock:
             route, extra = self._route(adapters, len(prompts))
             if config.seed is not None:
@@ -265,6 +271,36 @@ class TransformersGenerator:
 
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class RowStreamer:
+    """transformers' streamer protocol for a whole batch: after each decoding step every row's text so
+    far goes to its own sink (TextIteratorStreamer serves one row). Its first `put` is the prompt."""
+
+    def __init__(self, tokenizer, sinks: list):
+        self.tokenizer, self.sinks = tokenizer, sinks
+        self.ids: list[list[int]] = [[] for _ in sinks]
+        self.ended = [sink is None for sink in sinks]
+        self.ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.sinks), -1)[:, -1].tolist()):
+            if self.ended[row]:
+                continue
+            if token in self.ends:
+                self.ended[row] = True
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                self.sinks[row](text)
+
+    def end(self) -> None:
+        pass
 
 
 class StackedLoRA:
