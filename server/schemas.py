@@ -196,7 +196,7 @@ class ChatRequest(BaseModel):
     def _has_question(self) -> "ChatRequest":
         question = self.question()
         if not question.strip():
-            raise ValueError("messages need a user message with text; the last one is the question")
+            raise ValueError("question is empty: messages need a user message with text; the last one is the question")
         if len(question) > MAX_QUESTION_CHARS:
             raise ValueError(f"the question is {len(question)} characters; the limit is {MAX_QUESTION_CHARS}")
         check_question(question)
