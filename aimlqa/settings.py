@@ -33,6 +33,12 @@ def data_dir() -> Path:
     return Path(os.environ.get("AIMLQA_DATA", REPO_ROOT / "data"))
 
 
+def group18_dir() -> Path:
+    """The seed course project's Q&A data, for developers' tests and benchmarks only (never shipped):
+    `AIMLQA_GROUP18`, else `shared/data/group18` beside the checkout."""
+    return Path(os.environ.get("AIMLQA_GROUP18", REPO_ROOT.parent / "shared" / "data" / "group18"))
+
+
 def course_dir() -> Path:
     return data_dir() / "course"
 

@@ -24,11 +24,12 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import write  # noqa: E402  (sets sys.path)
 
-GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18"
+from aimlqa import settings  # noqa: E402
+
+GROUP18 = settings.group18_dir()  # developers' data, not shipped
 
 
 # (result key, pipeline, recipe overrides); ours first, the seed last (see main)

@@ -22,12 +22,14 @@ import torch
 
 from common import Timer, write  # noqa: E402  (sets sys.path)
 
+from aimlqa import settings  # noqa: E402
+
 from index.qa import load_qa, select_split
 from index.retriever import Retriever, build_index
 from rag.answer import Answerer
 from rag.registry import get_spec
 
-GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18"
+GROUP18 = settings.group18_dir()  # developers' data, not shipped
 PROMPT = "Question: What is the difference between bagging and boosting?\nAnswer:"
 
 

@@ -33,7 +33,7 @@ from eval.config import make_config
 from eval.files import read_jsonl
 from eval.metrics import rouge_per_example
 
-GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18" / "dev.jsonl"
+GROUP18 = settings.group18_dir() / "dev.jsonl"  # developers' data, not shipped
 
 
 def candidates(out: Path) -> dict[str, dict]:

@@ -23,7 +23,7 @@ from aimlqa.settings import MODES
 from index.retriever import Retriever, build_bm25, build_index
 from index.store import BuildConfig, write_index
 
-GROUP18 = Path(__file__).resolve().parents[2] / "shared" / "data" / "group18"
+GROUP18 = settings.group18_dir()  # developers' data, not shipped
 
 
 def ranking_metrics(ranks: list[int | None], ks=(1, 5)) -> dict:

@@ -192,9 +192,9 @@ def overhead(url: str, index: Path, qs: list[str], pairs: int = 40) -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
+    from index.store import versions as package_versions
 
-    return {p: md.version(p) for p in ("fastapi", "starlette", "uvicorn", "httpx", "pydantic")}
+    return package_versions(("fastapi", "starlette", "uvicorn", "httpx", "pydantic"))
 
 
 def main():

@@ -14,6 +14,7 @@ from pathlib import Path
 from aimlqa import settings
 from aimlqa.settings import UserError
 from eval.config import AblationConfig, DatasetConfig
+from index.corpus import qa_answer
 from index.qa import QARecord, load_many, load_qa, records_hash, select_split, split_records
 from index.text import normalise_question, sha256_text
 
@@ -131,7 +132,8 @@ def find_leaks(chunks, records: list[QARecord]) -> list[str]:
     for c in chunks:
         if c.kind != "qa":
             continue
-        answer = c.text.split("\nAnswer:", 1)[1] if "\nAnswer:" in c.text else c.text
+        answer = qa_answer(c.text)
+        answer = c.text if answer is None else answer
         for r in (by_question.get(normalise_question(c.section)), by_answer.get(normalise_question(answer) or None)):
             if r is not None:
                 leaked[r.key] = r.question

@@ -76,16 +76,11 @@ def fingerprint(*parts) -> str:
     return sha256_text(*(json.dumps(p, sort_keys=True, default=str) for p in parts))[:16]
 
 
-def versions() -> dict:
-    import importlib.metadata as md
+EVAL_PACKAGES = ("evaluate", "rouge-score", "nltk", "numpy")  # what scores depend on, beside the core
 
-    out = index_versions()
-    for pkg in ("evaluate", "rouge-score", "nltk", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+
+def versions() -> dict:
+    return index_versions(EVAL_PACKAGES)
 
 
 def now() -> str:

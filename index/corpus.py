@@ -18,6 +18,19 @@ from index.text import sha256_text, slugify
 
 PROSE_SUFFIXES = {".md", ".markdown", ".txt", ".pdf"}
 QA_SUFFIXES = {".csv", ".jsonl"}
+QA_QUESTION, QA_ANSWER = "Question: ", "\nAnswer: "
+
+
+def qa_text(question: str, answer: str) -> str:
+    """A Q&A pair as one chunk's text: what retrieval matches and what a prompt quotes."""
+    return f"{QA_QUESTION}{question}{QA_ANSWER}{answer}"
+
+
+def qa_answer(text: str) -> str | None:
+    """The answer of a Q&A chunk's text (`qa_text`), or None for any other text."""
+    if not text.startswith(QA_QUESTION.rstrip()) or QA_ANSWER.rstrip() not in text:
+        return None
+    return text.split(QA_ANSWER.rstrip(), 1)[1].strip()
 
 
 @dataclass
@@ -160,7 +173,7 @@ def load_corpus(
             records = select_split(load_qa(path), qa_split)
             digests.append(sha256_text(rel, qa_split or "all", *(r.question + r.answer for r in records)))
             for n, r in enumerate(records):
-                text = f"Question: {r.question}\nAnswer: {r.answer}"
+                text = qa_text(r.question, r.answer)
                 chunks.append(Chunk(len(chunks), text, rel, r.question, f"{doc_id}#{r.id or n}", 0, 0, "qa", r.unit))
             continue
         if suffix == ".pdf":

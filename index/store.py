@@ -60,11 +60,16 @@ def make_faiss_index(vectors: np.ndarray, index_type: str):
     return index
 
 
-def versions() -> dict:
+CORE_PACKAGES = ("aimlqa", "torch", "transformers", "sentence-transformers", "faiss-cpu", "bm25s", "llama-index-core", "peft")
+
+
+def versions(more: tuple[str, ...] = ()) -> dict:
+    """Python and the installed versions of the packages a result depends on (the core ones, and
+    `more` for a result that depends on others, e.g. the evaluator's metric packages)."""
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("aimlqa", "torch", "transformers", "sentence-transformers", "faiss-cpu", "bm25s", "llama-index-core", "peft"):
+    for pkg in (*CORE_PACKAGES, *more):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from aimlqa.settings import DEFAULT_MODE, UserError, check_mode
+from index.corpus import qa_answer
 from index.retriever import Passage
 from rag.generators.base import default_config
 from rag.postprocess import clean_answer
@@ -67,7 +68,8 @@ class Answerer:
         text = ""
         if hits:
             top = hits[0].text
-            text = top.split("\nAnswer:", 1)[1].strip() if top.startswith("Question:") and "\nAnswer:" in top else " ".join(top.split())
+            answer = qa_answer(top)
+            text = answer if answer is not None else " ".join(top.split())
         return Answer(
             text=text,
             sources=list(hits),
