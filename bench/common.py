@@ -48,6 +48,12 @@ def write(name: str, data: dict) -> Path:
     return path
 
 
+def verdict(what: str, value: float, target: float, higher_is_better: bool = True) -> str:
+    """One line against a bench's stored target: PASS or FALL SHORT, never silent."""
+    ok = value >= target if higher_is_better else value <= target
+    return f"{what}: {value:g} against a target of {'>=' if higher_is_better else '<='} {target:g}: {'PASS' if ok else 'FALL SHORT'}"
+
+
 def percentiles(samples_ms: list[float]) -> dict:
     s = sorted(samples_ms)
     q = lambda p: s[min(len(s) - 1, int(round(p * (len(s) - 1))))]

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from common import write  # noqa: E402  (sets sys.path)
+from common import verdict, write  # noqa: E402  (sets sys.path)
 
 from aimlqa import settings  # noqa: E402
 
@@ -185,6 +185,7 @@ def main():
     }
     write("finetune", result)
     print(json.dumps(result, indent=2))
+    print(verdict("epoch time, the seed's pipeline / ours", result["epoch_speedup"], result["target_epoch_speedup"]))
 
 
 if __name__ == "__main__":

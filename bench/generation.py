@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Timer, write  # noqa: E402  (sets sys.path)
+from common import Timer, verdict, write  # noqa: E402  (sets sys.path)
 
 from aimlqa import settings  # noqa: E402
 
@@ -121,6 +121,7 @@ def main():
     print(json.dumps({k: v for k, v in result.items() if k != "quality"}, indent=2))
     if "quality" in result:
         print(json.dumps(result["quality"], indent=2))
+    print(verdict("throughput at batch 8 / batch 1", result["throughput_ratio_to_batch1"]["8"], result["target_ratio_at_8"]))
 
 
 if __name__ == "__main__":

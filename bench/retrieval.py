@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import Timer, percentiles, write  # noqa: E402  (sets sys.path)
+from common import Timer, percentiles, verdict, write  # noqa: E402  (sets sys.path)
 
 from aimlqa import settings
 from index.corpus import load_corpus
@@ -134,6 +134,10 @@ def main():
     write("retrieval", result)
     b = result["build"]
     print(f"build {b['build_chunks_per_s']} chunks/s vs encode {b['baseline_encode_chunks_per_s']} (ratio {b['ratio_build_to_encode']})")
+    print(verdict("index build speed / encoding alone", b["ratio_build_to_encode"], b["target_ratio"]))
+    big = result["latency"].get("20000")
+    if isinstance(big, dict):
+        print(verdict("dense search p50 ms at 20k chunks", big["dense"]["p50_ms"], result["latency"]["target_dense_p50_ms_at_20k"], higher_is_better=False))
     for n, row in result["latency"].items():
         if isinstance(row, dict):
             print(f"{n} chunks: load {row['load_s']}s; " + "; ".join(f"{m} p50 {row[m]['p50_ms']} p99 {row[m]['p99_ms']} ms" for m in MODES))

@@ -31,7 +31,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import percentiles, write  # noqa: E402  (sets sys.path)
+from common import percentiles, verdict, write  # noqa: E402  (sets sys.path)
 
 import httpx
 
@@ -235,7 +235,7 @@ def main():
     write("serve_load", result)
     for variant, v in result.get("embedded", {}).items():
         if isinstance(v, dict):
-            print(f"gemma-270m {variant}: throughput at 8 clients / 1 client = {v['throughput_ratio_8_to_1']}x (target >= 4x)")
+            print(verdict(f"gemma-270m {variant}: throughput at 8 clients / 1 client", v["throughput_ratio_8_to_1"], result["embedded"]["target_ratio_8_to_1"]))
     print(f"zero 5xx below the queue bound: {result['zero_5xx_below_queue_bound']}")
 
 
