@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Callable, NamedTuple
 
 from aimlqa.settings import UserError
 from rag.answer import Answerer, answer_batch
+from rag.generators.base import default_config
 from rag.postprocess import StreamCleaner
 from server.adapters import locate
 from server.batching import Batcher, QueueFull, Stopped
@@ -39,7 +40,8 @@ class BatchKey(NamedTuple):
 
 
 def generation_defaults(spec) -> tuple:
-    return (spec.max_new_tokens, spec.temperature, spec.top_p, spec.repetition_penalty, spec.num_beams)
+    """The model's own decoding settings, as the generator would apply them (`default_config`)."""
+    return astuple(default_config(spec))
 
 
 @dataclass

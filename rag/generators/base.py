@@ -63,6 +63,25 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def adapter_names(adapters: list[str | None] | None, n: int, default: str | None, loaded) -> list[str | None]:
+    """Per prompt, the loaded adapter it runs through (None: the base); `adapters` None means the
+    back end's default adapter for every prompt. The one check of a request's adapters for every back end."""
+    names = adapters if adapters is not None else [default] * n
+    if len(names) != n:
+        raise ValueError(f"{len(names)} adapter names for {n} prompts")
+    if unknown := {a for a in names if a is not None} - set(loaded):
+        raise UserError(f"adapter {sorted(unknown)[0]!r} is not loaded; loaded: {', '.join(loaded) or 'none'}")
+    return names
+
+
+def check_adapter_name(name: str, loaded, present: bool) -> None:
+    """Loading needs a new name (`present` False), unloading a loaded one (`present` True)."""
+    if present and name not in loaded:
+        raise UserError(f"no adapter named {name!r} is loaded; loaded: {', '.join(loaded) or 'none'}")
+    if not present and name in loaded:
+        raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+
+
 def default_config(spec, template_stop: tuple[str, ...] = (), **overrides) -> GenerationConfig:
     fields = dict(
         max_new_tokens=spec.max_new_tokens,

@@ -9,7 +9,7 @@ import torch
 
 from aimlqa.settings import UserError
 from rag.embedded import resolve_base
-from rag.generators.base import Generation, GenerationConfig, cut_at_stop
+from rag.generators.base import Generation, GenerationConfig, adapter_names, check_adapter_name, cut_at_stop
 
 
 def pick_device(device: str | None = None) -> str:
@@ -128,11 +128,11 @@ class TransformersGenerator:
         self.device = pick_device(device)
         self.adapters: dict[str, str] = {}  # name -> path, the adapters loaded beside the base
         self.default_adapter: str | None = None  # what a prompt without an adapter of its own uses
-        self._stacked: StackedLoRA | None = None  # every adapter's weights stacked, for mixed batches
+        # (the loaded adapters' names, their weights stacked for mixed batches, or None where peft must route)
+        self._stacked: tuple[tuple[str, ...], StackedLoRA | None] | None = None
         self._lock = threading.Lock()  # one generate() (or adapter change) at a time; callers batch instead
-        if model is None:
-            merge = spec.merge_adapter or not spec.adapter
-            model, tokenizer = load_model_and_tokenizer(spec, self.device, adapter=spec.adapter if merge else "", merge=True)
+        if model is None:  # the base alone, or with its adapter merged in; an unmerged adapter is loaded by name below
+            model, tokenizer = load_model_and_tokenizer(spec, self.device, adapter=spec.adapter if spec.merge_adapter else "", merge=True)
         self.model, self.tokenizer = model, tokenizer
         self.context_window = min(spec.context_window, getattr(model.config, "max_position_embeddings", None) or spec.context_window)
         if spec.adapter and not spec.merge_adapter and not is_peft(model):
@@ -151,8 +151,7 @@ class TransformersGenerator:
 
         check_adapter_fits(self.model, path)
         with self._lock:
-            if name in self.adapters:
-                raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            check_adapter_name(name, self.adapters, present=False)
             # bf16 adapters beside a bf16 base, as they were trained (finetune.model.adapter_autocast)
             keep_dtype = dict(autocast_adapter_dtype=False) if self.model.dtype == torch.bfloat16 else {}
             if is_peft(self.model):
@@ -178,8 +177,7 @@ class TransformersGenerator:
     def unload_adapter(self, name: str) -> None:
         """Free an adapter's weights; waits for a running generate() (which may use it) to finish."""
         with self._lock:
-            if name not in self.adapters:
-                raise UserError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            check_adapter_name(name, self.adapters, present=True)
             if len(self.adapters) == 1:
                 self.model = self.model.unload()  # the base again, without LoRA layers or their cost
             else:
@@ -195,11 +193,7 @@ class TransformersGenerator:
         `adapter_names` routing where that cannot serve). Returns (context, extra generate kwargs)."""
         from contextlib import nullcontext
 
-        names = adapters if adapters is not None else [self.default_adapter] * n
-        if len(names) != n:
-            raise ValueError(f"{len(names)} adapter names for {n} prompts")
-        if unknown := {a for a in names if a is not None} - set(self.adapters):
-            raise UserError(f"adapter {sorted(unknown)[0]!r} is not loaded; loaded: {', '.join(self.adapters) or 'none'}")
+        names = adapter_names(adapters, n, self.default_adapter, self.adapters)
         if not self.adapters:
             return nullcontext(), {}
         if len(set(names)) == 1:
@@ -208,11 +202,12 @@ class TransformersGenerator:
             self.model.set_adapter(names[0])
             return nullcontext(), {}
         key = tuple(self.adapters)
-        if self._stacked is None or self._stacked.names != key:
-            self._stacked = StackedLoRA.build(self.model, key)
-        if self._stacked is None:
+        if self._stacked is None or self._stacked[0] != key:  # built once per set of loaded adapters
+            self._stacked = (key, StackedLoRA.build(self.model, key))
+        stacked = self._stacked[1]
+        if stacked is None:
             return nullcontext(), {"adapter_names": [a or BASE for a in names]}
-        return self._stacked.route(self.model, [0 if a is None else key.index(a) + 1 for a in names]), {}
+        return stacked.route(self.model, [0 if a is None else key.index(a) + 1 for a in names]), {}
 
     # --- generation ---------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aimlqa.settings import UserError
 from rag.embedded import resolve_base
-from rag.generators.base import Generation, GenerationConfig, cut_at_stop
+from rag.generators.base import Generation, GenerationConfig, adapter_names, check_adapter_name, cut_at_stop
 
 ALTERNATIVE = "use the transformers back end instead (`backend: transformers` in the registry, or --backend transformers)"
 
@@ -53,24 +53,19 @@ class VLLMGenerator:
         """vLLM reads the adapter on its first request; registering it here is bookkeeping."""
         from vllm.lora.request import LoRARequest
 
-        if name in self.loras:
-            raise UserError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        check_adapter_name(name, self.loras, present=False)
         self.loras[name] = LoRARequest(name, self._next_id, str(path))
         self._next_id += 1
 
     def unload_adapter(self, name: str) -> None:
-        request = self.loras.pop(name, None)
-        if request is None:
-            raise UserError(f"no adapter named {name!r} is loaded; loaded: {', '.join(self.loras) or 'none'}")
+        check_adapter_name(name, self.loras, present=True)
+        request = self.loras.pop(name)
         self.llm.llm_engine.remove_lora(request.lora_int_id)
         if self.default_adapter == name:
             self.default_adapter = None
 
     def _requests(self, adapters: list[str | None] | None, n: int) -> list:
-        names = adapters if adapters is not None else [self.default_adapter] * n
-        if unknown := {a for a in names if a is not None} - set(self.loras):
-            raise UserError(f"adapter {sorted(unknown)[0]!r} is not loaded; loaded: {', '.join(self.loras) or 'none'}")
-        return [self.loras[a] if a else None for a in names]
+        return [self.loras[a] if a else None for a in adapter_names(adapters, n, self.default_adapter, self.loras)]
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
