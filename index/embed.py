@@ -8,6 +8,7 @@ from functools import cached_property
 import numpy as np
 
 DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
+QUERY_CACHE = 512
 _PACKAGED = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 
@@ -54,6 +55,18 @@ class Embedder:
     def tokenize(self, text: str) -> list[str]:
         """The model's own word pieces: chunk sizes are counted in the tokens the encoder sees."""
         return self.model.tokenizer.tokenize(text)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """`encode` with the last few hundred texts remembered: a question is encoded by retrieval and
+        asked again by attribution (`rag.attribution`), a few milliseconds each on a CPU."""
+        cache = self.__dict__.setdefault("_recent", {})
+        todo = [t for t in dict.fromkeys(texts) if t not in cache]
+        if todo:
+            for t, v in zip(todo, self.encode(todo)):
+                cache[t] = v
+            while len(cache) > QUERY_CACHE:
+                cache.pop(next(iter(cache)))
+        return np.stack([cache[t] for t in texts]) if texts else np.zeros((0, self.dim), dtype=np.float32)
 
     def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
         vecs = self.model.encode(

@@ -101,7 +101,7 @@ class Retriever:
     def _dense(self, queries: list[str], k: int) -> list[list[tuple[int, float]]]:
         import faiss
 
-        vectors = self.embedder.encode(queries)
+        vectors = self.embedder.encode_queries(queries)
         # A few queries gain nothing from OpenMP threads, and their spin-waits beside torch's own
         # threads cost hundreds of milliseconds on a busy machine: search them on one thread, then
         # restore the count (the OpenMP runtime is shared with torch, which would stay on one thread).
@@ -125,6 +125,30 @@ class Retriever:
             for rank, (i, _) in enumerate(ranking):
                 fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
         return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+    def section(self, section_id: str) -> list[Chunk]:
+        """The chunks of one section in source order: what a citation links to."""
+        return sorted((c for c in self.chunks if c.section_id == section_id), key=lambda c: c.start)
+
+    def vectors(self, passages: list) -> list:
+        """The stored (normalised) vector of each passage this index holds, else None: attribution
+        compares answer sentences with them without encoding the passages again."""
+        if getattr(self, "_by_text", None) is None:
+            self._by_text = {c.text: c.id for c in self.chunks}
+        out = []
+        for p in passages:
+            i = p.chunk_id if 0 <= getattr(p, "chunk_id", -1) < len(self.chunks) and self.chunks[p.chunk_id].text == p.text else self._by_text.get(p.text)
+            out.append(None if i is None else self._reconstruct(i))
+        return out
+
+    def _reconstruct(self, i: int):
+        try:
+            return self.faiss_index.reconstruct(int(i))
+        except RuntimeError:  # an IVF index keeps no id -> list map until asked to
+            import faiss
+
+            faiss.extract_index_ivf(self.faiss_index).make_direct_map()
+            return self.faiss_index.reconstruct(int(i))
 
     def _passage(self, i: int, score: float) -> Passage:
         c = self.chunks[i]
