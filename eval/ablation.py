@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aimlqa import settings
 from aimlqa.settings import UserError
 from eval import provenance
 from eval.config import AblationConfig
-from eval.data import EvalIndex, EvalSet, load_evalset, prepare_index, question_key, trained_on
+from eval.data import EvalIndex, EvalSet, guarded, load_evalset, prepare_index, question_key, trained_on
 from eval.files import read_jsonl, write_jsonl
 
 CACHE_VERSION = 1
@@ -137,6 +137,7 @@ class Plan:
     cells: list[Cell]
     notes: list[str]
     trained_on: dict  # fine-tuned model -> dataset -> evaluated questions in its training split
+    attributors: dict = field(default_factory=dict)  # dataset -> rag.attribution.Attributor, made when scoring
 
     def fingerprint(self, cell: Cell) -> str:
         """What determines a cell's predictions (not the question list: a question's answer does not depend on it)."""
@@ -201,7 +202,11 @@ def prepare(config: AblationConfig, embedder=None, progress: bool = True) -> Pla
         from index.embed import Embedder
 
         embedder = embedder or Embedder(config.corpus.embed_model)
-        for name, es in evalsets.items():
+        for name, es in sorted(evalsets.items(), key=lambda kv: kv[1].config.index_with is not None):
+            other = es.config.index_with
+            if other is not None and other in indexes:
+                indexes[name] = guarded(config, es, indexes[other].retriever, indexes[other].path)
+                continue
             indexes[name] = prepare_index(config, es, embedder, progress)
             if indexes[name].leaky:
                 notes.append(
@@ -224,7 +229,7 @@ def _answer_row(key: str, question: str, a) -> dict:
         "key": key,
         "question": question,
         "prediction": a.text,
-        "sources": [{"section_id": s.section_id, "source": s.source, "score": s.score, "text": s.text} for s in a.sources],
+        "sources": [{"section_id": s.section_id, "source": s.source, "score": s.score, "text": s.text, "chunk_id": s.chunk_id} for s in a.sources],
         "prompt_tokens": a.prompt_tokens,
         "completion_tokens": a.completion_tokens,
         "retrieve_ms": a.timings.get("retrieve_ms", 0.0),
@@ -280,6 +285,7 @@ def generate(plan: Plan, progress: bool = True) -> dict[Cell, dict]:
                     answers = answerer.answer_many(
                         [r.question for r in batch], rag=cell.rag, k=cell.k or 1, mode=cell.mode or None,
                         max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=c.seed, num_beams=c.num_beams,
+                        abstain=False,  # every answer as generated: abstention is decided when scoring (eval.scoring)
                     )
                     caches[cell].add([_answer_row(question_key(r), r.question, a) for r, a in zip(batch, answers)])
                     bar.advance(task, len(batch))

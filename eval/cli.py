@@ -22,6 +22,12 @@ def _print_cells(summary: dict, out: Path) -> None:
             r = c["retrieval"]
             key = "recall" if "recall" in r else "hit"
             extra = f"  grounding {f3(c['grounding']['mean'])}  {key}@{c['k']} {f3(r[key]['mean'])}"
+            if c.get("abstained"):
+                extra += (f"  abstained {with_ci(c['abstained'])}  cited P/R {f3(c['citation_precision']['mean'])}/{f3(c['citation_recall']['mean'])}"
+                          f"  unsupported {f3(c['unsupported']['mean'])}  R-L served {f3(c['rougeL_served']['mean'])}")
+        if c.get("expect") == "abstain":
+            typer.echo(f"{c['id']:48} n={c['n']:<4} out of course: abstained {with_ci(c.get('abstained'))}")
+            continue
         typer.echo(f"{c['id']:48} n={c['n']:<4} R-1 {f3(c['rouge1']['mean'])}  R-2 {f3(c['rouge2']['mean'])}  "
                    f"R-L {with_ci(c['rougeL'])}  R-Lsum {f3(c['rougeLsum']['mean'])}{extra}  empty/degenerate {c['empty']}/{c['degenerate']}")
     for n in summary["notes"]:
@@ -39,6 +45,7 @@ def score(
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
     mode: str = mode_option(),
     index: Optional[Path] = typer.Option(None, help="A built index (default: build one from the course notes and the file's training split)"),
+    out_of_course: bool = typer.Option(False, "--out-of-course", help="The questions are not in the notes (data/ooc): report how often the service abstains"),
     allow_leak: bool = typer.Option(False, "--allow-leak", help="Accept an index that holds evaluated pairs (the report flags it)"),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N questions of the split"),
     max_new_tokens: int = typer.Option(64, help="Generation limit"),
@@ -54,7 +61,8 @@ def score(
     corpus = {"index": index, "index_evaluated": allow_leak}
     config = make_config(
         name="score", models=[model], rag=[rag], top_k=[k], modes=[mode], headline={"k": k, "mode": mode},
-        datasets=[{"name": re.sub(r"[^A-Za-z0-9_.-]+", "_", qa.stem).strip("._-") or "qa", "path": qa, "split": split}],
+        datasets=[{"name": re.sub(r"[^A-Za-z0-9_.-]+", "_", qa.stem).strip("._-") or "qa", "path": qa, "split": split,
+                   "expect": "abstain" if out_of_course else "answer"}],
         corpus=corpus, limit=limit, max_new_tokens=max_new_tokens, num_beams=beams, threads=threads, out=out, server=server,
     )
     summary, out_dir = run_ablation(config, progress=progress)

@@ -32,6 +32,9 @@ class DatasetConfig(_Strict):
     split: Split = "test"
     optional: bool = False  # a missing file is skipped with a note in the report, not an error
     compare_seed: bool = False  # show the seed's published figures beside this dataset's table
+    # abstain: questions the notes do not answer (data/ooc): the figure is how often the service says so
+    expect: Literal["answer", "abstain"] = "answer"
+    index_with: Optional[str] = None  # answer from another dataset's index (out-of-course questions: the served one)
 
 
 class CorpusConfig(_Strict):
@@ -97,6 +100,9 @@ class AblationConfig(_Strict):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"dataset names must be unique, got {names}")
+        for d in self.datasets:
+            if d.index_with is not None and d.index_with not in names:
+                raise ValueError(f"dataset {d.name!r}: index_with names {d.index_with!r}, which is not a dataset here ({', '.join(names)})")
         if not self.rag:
             raise ValueError("rag must list at least one of false, true")
         if True in self.rag and not self.modes:

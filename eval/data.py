@@ -28,6 +28,7 @@ class EvalSet:
     file_hash: str
     split_hash: str
     split_size: int
+    gold_of: dict = field(default_factory=dict)  # Q&A chunk section id -> its pair's gold sections (all splits)
 
     @property
     def name(self) -> str:
@@ -52,7 +53,9 @@ def load_evalset(ds: DatasetConfig, limit: int | None) -> EvalSet | None:
     if not split:
         raise UserError(f"{ds.path}: the {ds.split!r} split is empty; choose another split for dataset {ds.name!r}")
     chosen = split[:limit] if limit else split
-    return EvalSet(ds, chosen, records_hash(records), records_hash(chosen), len(split))
+    # a cited training pair of this file counts as citing the sections it was written from
+    gold_of = {f"{ds.path.stem}#{r.id}": r.gold for r in records if r.id and r.gold}
+    return EvalSet(ds, chosen, records_hash(records), records_hash(chosen), len(split), gold_of)
 
 
 # --- the index --------------------------------------------------------------------------------
@@ -111,6 +114,12 @@ def prepare_index(config: AblationConfig, evalset: EvalSet, embedder=None, progr
         embedder = embedder or Embedder(c.embed_model)
         build_index(sources, path, BuildConfig(c.embed_model, c.chunk_size, c.chunk_overlap, "flat", qa_split), progress=progress, embedder=embedder)
     retriever = Retriever.load(path, embedder=embedder) if embedder else Retriever.load(path)
+    return guarded(config, evalset, retriever, Path(path))
+
+
+def guarded(config: AblationConfig, evalset: EvalSet, retriever, path: Path) -> EvalIndex:
+    """The index for a dataset, once the leakage guard has passed it."""
+    c = config.corpus
     leaked = find_leaks(retriever.chunks, evalset.records)
     if leaked and not c.index_evaluated:
         raise UserError(

@@ -125,3 +125,16 @@ def degenerate(answer: str, question: str = "") -> str | None:
 
 def word_count(text: str) -> int:
     return len(text.split())
+
+
+# --- citations ---------------------------------------------------------------------------------
+
+
+def citation_scores(cited: Iterable[str], gold: Iterable[str]) -> tuple[float | None, float]:
+    """Precision (None when nothing is cited) and recall of the sections an answer cites, against
+    the question's gold sections; a section cited by several sentences counts once."""
+    cited, gold = set(cited), set(gold)
+    if not gold:
+        raise ValueError("citation scores need gold sections")
+    hit = len(cited & gold)
+    return (hit / len(cited) if cited else None), hit / len(gold)

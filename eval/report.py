@@ -13,6 +13,7 @@ from pathlib import Path
 
 from eval.files import atomic_path, write_json, write_jsonl, write_text
 from eval.metrics import ROUGE_TYPES
+from eval.scoring import CITATION_KEYS
 from rag.generators.base import is_greedy
 
 CHART = "rouge_l.png"
@@ -90,17 +91,37 @@ def _dataset_section(summary: dict, name: str) -> list[str]:
     lines = [f"## {name}: {ds['split']} split, {ds['n']} questions" + (f" (of {ds['split_size']})" if ds["n"] != ds["split_size"] else ""), ""]
     if ix and ix["leaky"]:
         lines += [f"> **LEAKY**: the index holds {ix['leaked']} of the evaluated Q&A pairs on purpose (`corpus.index_evaluated`); grounded scores here measure look-up, not generalisation.", ""]
+    config = next(d for d in summary["run"]["config"]["datasets"] if d["name"] == name)
+    if config.get("expect") == "abstain":
+        return lines + ["Questions the course notes do not answer: the figure is how often the service says so instead of answering.", "",
+                        *_citations_section(summary, name)]
     h = headline(summary)
     lines += [f"ROUGE F-measures (stemmed), means; ROUGE-L with its 95% bootstrap interval. Grounded = k={h[0]}, {h[1]} retrieval." if h else "ROUGE F-measures (stemmed), means.", ""]
     rows = [_rouge_row(summary, c) for pair in headline_cells(summary, name) for c in pair if c]
-    config = next(d for d in summary["run"]["config"]["datasets"] if d["name"] == name)
     if config.get("compare_seed"):
         rows += [[f"{m} (seed)", "fine-tuned, plain; *reported, not reproduced*" + mark, f3(r1), f3(r2), f3(rl), f3(rls)] for m, r1, r2, rl, rls, mark in SEED_FIGURES]
     lines += _table(["LLM", "Setting", "ROUGE-1", "ROUGE-2", "ROUGE-L [95% CI]", "ROUGE-Lsum"], rows)
     if config.get("compare_seed"):
         lines += ["", "Seed rows: the seed's published figures on its own test split of this data, with its own models; not rerun here. " + " ".join(SEED_NOTES)]
-    lines += ["", *_paired_section(summary, name), *_cells_section(summary, name), *_retrieval_section(summary, name)]
+    lines += ["", *_paired_section(summary, name), *_citations_section(summary, name), *_cells_section(summary, name), *_retrieval_section(summary, name)]
     return lines
+
+
+def _citations_section(summary: dict, name: str) -> list[str]:
+    cells = [c for c in summary["cells"] if c["dataset"] == name and c.get("abstained")]
+    if not cells:
+        return []
+    t = next((c["thresholds"] for c in cells if c.get("thresholds")), {}) or {}
+    applied = (f"relevance < {t['relevance']}, support < {t['support']}" if t.get("calibrated")
+               else "none (rag/abstention.json is missing or was measured with another embedding model)")
+    lines = ["### Citations and abstention", "",
+             f"As served: each answer sentence cites the passages scoring at least {t.get('cite')} (within {t.get('margin')} of its best); "
+             f"the service abstains when {applied}. Citation precision and recall are against the gold sections, over the answers given; "
+             "served ROUGE-L counts an abstention as 0.", ""]
+    rows = [[_model_label(summary, c["model"]), c["setting"], with_ci(c["abstained"]), with_ci(c["citation_precision"]), with_ci(c["citation_recall"]),
+             f3(mean(c.get("citation_precision_topic"))),
+             with_ci(c["unsupported"]), f3(mean(c["support"])), with_ci(c["rougeL"]), with_ci(c["rougeL_served"])] for c in cells]
+    return lines + _table(["Model", "Setting", "abstained", "citation precision", "citation recall", "precision by note", "unsupported sentences", "support", "R-L answered", "R-L served"], rows) + [""]
 
 
 def _paired_section(summary: dict, name: str) -> list[str]:
@@ -210,8 +231,9 @@ def summary_csv(summary: dict) -> str:
     rows = []
     for c in summary["cells"]:
         row = {k: c.get(k) for k in CSV_FIELDS if k != "run"} | {"run": summary["run"]["id"]}
-        for m in (*ROUGE_TYPES, "grounding", "words"):
-            row |= {m: c[m]["mean"], f"{m}_lo": c[m]["lo"], f"{m}_hi": c[m]["hi"]}
+        for m in (*ROUGE_TYPES, "grounding", "words", *CITATION_KEYS):
+            if c.get(m):
+                row |= {m: c[m]["mean"], f"{m}_lo": c[m]["lo"], f"{m}_hi": c[m]["hi"]}
         for m, v in c["retrieval"].items():
             row |= {m: v["mean"], f"{m}_lo": v["lo"], f"{m}_hi": v["hi"]}
         for vs in ("vs_plain", "vs_base"):

@@ -9,11 +9,38 @@ from collections import Counter
 from eval import provenance
 from eval.bootstrap import mean_ci, paired_test
 from eval.data import question_key
-from eval.metrics import ROUGE_TYPES, degenerate, grounding, rouge_per_example, word_count
+from eval.metrics import ROUGE_TYPES, citation_scores, degenerate, grounding, rouge_per_example, word_count
 
 RETRIEVAL_KEYS = ("recall", "mrr", "ndcg", "hit", "hit_mrr", "own")
+CITATION_KEYS = ("abstained", "relevance", "support", "unsupported", "citation_precision", "citation_recall", "citation_precision_topic",
+                 "rougeL_served")
 PAIRED_METRICS = ("rouge1", "rougeL")
 FLOOR = "retrieval"
+
+
+def attribute_cell(plan, cell, got: list[dict]) -> list:
+    """The served attribution of each cached answer, as `rag.answer` makes it: which source supports
+    which sentence, and whether the service abstains (with the thresholds in rag/abstention.json)."""
+    from index.retriever import Passage
+    from rag.attribution import Attributor
+
+    retriever = plan.indexes[cell.dataset].retriever
+    attributor = plan.attributors.setdefault(cell.dataset, Attributor(retriever.embedder, retriever=retriever))
+    passages = [[Passage(s["text"], s["source"], "", s["section_id"], s["score"], s.get("chunk_id", -1)) for s in g["sources"]] for g in got]
+    return attributor.attribute([g["question"] for g in got], [g["prediction"] for g in got], passages), attributor
+
+
+def citation_scores_of(att, record, es, sources: list[dict]) -> dict:
+    """Per question: abstained, support, unsupported share and, against gold sections, citation precision/recall."""
+    out = {"abstained": float(att.abstain is not None), "relevance": att.relevance, "support": att.support,
+           "unsupported": att.unsupported_share, "citation_precision": None, "citation_recall": None, "citation_precision_topic": None}
+    if record.gold and att.abstain is None:
+        cited = {sec for sent in att.sentences for c in sent.citations for sec in es.gold_of.get(c.section_id, [c.section_id])}
+        out["citation_precision"], out["citation_recall"] = citation_scores(cited, record.gold)
+        # the same at the level of the note (unitN/topic): a citation of the right note's neighbouring section
+        topic = lambda ids: {i.split("#", 1)[0] for i in ids}
+        out["citation_precision_topic"] = citation_scores(topic(cited), topic(record.gold))[0]
+    return out
 
 
 def score_cell(plan, cell, rows: dict) -> tuple[dict, list[dict]]:
@@ -24,12 +51,16 @@ def score_cell(plan, cell, rows: dict) -> tuple[dict, list[dict]]:
     preds = [g["prediction"] for g in got]
     rouge = rouge_per_example(preds, [r.answer for r in es.records])
     retrieval = plan.retrieval.get((cell.dataset, cell.mode, cell.k)) if cell.rag else None
+    attributions, attributor = attribute_cell(plan, cell, got) if cell.rag else ([None] * len(got), None)
     per = []
-    for i, (r, g) in enumerate(zip(es.records, got)):
+    for i, (r, g, att) in enumerate(zip(es.records, got, attributions)):
         scores = {t: rouge[t][i] for t in ROUGE_TYPES}
         scores["grounding"] = grounding(g["prediction"], [s["text"] for s in g["sources"]]) if cell.rag else None
         scores["words"] = word_count(g["prediction"])
         scores["degenerate"] = degenerate(g["prediction"], r.question)
+        if att is not None:
+            scores |= citation_scores_of(att, r, es, g["sources"])
+            scores["rougeL_served"] = 0.0 if att.abstain else scores["rougeL"]  # an abstention has no answer to score
         per.append(scores)
     ci = lambda values: mean_ci(values, c.bootstrap, c.seed).to_dict()
     reasons = Counter(p["degenerate"] for p in per if p["degenerate"])
@@ -48,6 +79,9 @@ def score_cell(plan, cell, rows: dict) -> tuple[dict, list[dict]]:
         "n": len(per),
         **{t: ci([p[t] for p in per]) for t in ROUGE_TYPES},
         "grounding": ci([p["grounding"] for p in per]),
+        "expect": es.config.expect,
+        **({k: ci([p.get(k) for p in per]) for k in CITATION_KEYS} if cell.rag else {}),
+        "thresholds": attributor.thresholds_used() if attributor else None,
         "words": ci([p["words"] for p in per]),
         "completion_tokens": sum(g["completion_tokens"] for g in got) / max(len(got), 1),
         "empty": reasons.get("empty", 0),

@@ -83,8 +83,10 @@ class RemoteAnswerer:
         self.retriever = None  # the server retrieves from its own index
 
     def answer_many(self, questions: list[str], rag: bool = True, k: int = 3, mode: str | None = None,
-                    max_new_tokens: int | None = None, temperature: float | None = None, num_beams: int | None = None, **_) -> list[Answer]:
-        base = {"model": self.model, "rag": rag, "top_k": k, "max_new_tokens": max_new_tokens, "temperature": temperature, "num_beams": num_beams}
+                    max_new_tokens: int | None = None, temperature: float | None = None, num_beams: int | None = None,
+                    abstain: bool = True, **_) -> list[Answer]:
+        base = {"model": self.model, "rag": rag, "top_k": k, "max_new_tokens": max_new_tokens, "temperature": temperature, "num_beams": num_beams,
+                "abstain": abstain}
         base = {key: v for key, v in base.items() if v is not None}
         with ThreadPoolExecutor(min(self.concurrency, max(len(questions), 1))) as pool:
             replies = list(pool.map(lambda q: self.client.answer(base | {"question": q}), questions))
@@ -100,4 +102,6 @@ def to_answer(reply: dict) -> Answer:
         prompt_tokens=reply["usage"]["prompt_tokens"],
         completion_tokens=reply["usage"]["completion_tokens"],
         timings={k: reply["timings"][k] for k in ("retrieve_ms", "generate_ms")},
+        abstained=reply.get("abstained"),
+        raw_text=reply.get("raw_answer"),
     )
