@@ -23,7 +23,7 @@ from server.config import ServerConfig
 from server.errors import ApiError, describe_validation, request_id
 from server.metrics import Metrics
 from server.middleware import RequestContext
-from server.schemas import (AdapterStatus, AnswerRequest, AnswerResponse, ErrorResponse, LoadLoraAdapterRequest, ModelCard, ModelList, SeedRequest,
+from server.schemas import (AdapterStatus, AnswerRequest, AnswerResponse, ErrorResponse, LoadLoraAdapterRequest, ModelCard, ModelList, SectionOut, SeedRequest,
                             Timings, UnloadLoraAdapterRequest, Usage)
 from server.service import Loader, Result, Service
 
@@ -58,8 +58,15 @@ def service_of(request: Request) -> Service:
 
 def answer_response(result: Result) -> AnswerResponse:
     a = result.answer
+    att = a.attribution
     return AnswerResponse(
         answer=a.text,
+        cited_answer=a.cited_text,
+        sentences=att.sentences if att and not a.abstained else [],
+        support=att.support if att else None,
+        relevance=att.relevance if att else None,
+        abstained=a.abstained,
+        raw_answer=a.raw_text,
         sources=a.sources,
         model=a.model,
         rag=a.rag,
@@ -110,12 +117,20 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request):
     return AdapterStatus(status="unloaded", lora_name=body.lora_name, message=f"adapter {body.lora_name!r} is no longer served")
 
 
+@router.get("/v1/sections/{section_id:path}", response_model=SectionOut, dependencies=[Depends(require_key)], tags=["citations"],
+            responses=documented(401, 404, 503))
+async def section(section_id: str, request: Request):
+    """The whole text of a cited section (a source's `section_id`), so a citation can be checked."""
+    return service_of(request).section(section_id)
+
+
 @router.post("/v1/answer", response_model=AnswerResponse, dependencies=[Depends(require_key)], responses=ERRORS)
 async def answer(body: AnswerRequest, request: Request):
-    """Answer a course question, with the passages that grounded it and their scores."""
+    """Answer a course question, each sentence citing the passages that support it, or say that
+    the course notes do not cover it (`abstained`) and list the closest passages."""
     result = await service_of(request).answer(
         body.model, body.question, rag=body.rag, k=body.top_k, max_new_tokens=body.max_new_tokens,
-        temperature=body.temperature, num_beams=body.num_beams, request_id=request_id(request),
+        temperature=body.temperature, num_beams=body.num_beams, abstain=body.abstain, request_id=request_id(request),
     )
     return answer_response(result)
 

@@ -1,11 +1,18 @@
 """OpenAI-compatible `POST /v1/chat/completions`, so the official client and tools built on it work.
 
-Answers are grounded by default; the extension fields `rag` (false turns retrieval off) and
-`top_k` go in the client's `extra_body`. With `stream: true` the reply comes as server-sent
-events in OpenAI's chunk format, as it is generated: the batch's decoding loop hands each row's
-text to its request after every step (`rag.generators.hf.RowStreamer`), and `StreamCleaner`
-passes on what the final cleaning will keep, so the pieces join to the non-streamed answer. Until
-the first piece, an error is a plain HTTP status; after it, an error event ends the stream.
+Answers are grounded by default and cite their sources: the content carries a marker after each
+sentence ("[1]": `sources[0]` supports it; "[unsupported]": no source does), and the extension
+fields `sources`, `citations` (per sentence: the passages, excerpts and scores) and `abstained`
+say more. The extension request fields `rag` (false turns retrieval off), `top_k` and `abstain`
+(false: the model's answer even when the notes do not support it) go in the client's `extra_body`.
+
+With `stream: true` the reply comes as server-sent events in OpenAI's chunk format, as it is
+generated: the batch's decoding loop hands each row's text to its request after every step
+(`rag.generators.hf.RowStreamer`), `StreamCleaner` passes on what the final cleaning will keep,
+and `CitedStream` adds each sentence's marker as the next sentence begins, so the pieces join to
+the non-streamed content. A streamed answer that turns out unsupported cannot be taken back: the
+stream then ends with the notice, and the finish chunk has `abstained`. Until the first piece,
+an error is a plain HTTP status; after it, an error event ends the stream.
 """
 
 from __future__ import annotations
@@ -37,15 +44,17 @@ def completion(result: Result, cid: str, created: int) -> ChatCompletion:
         id=cid,
         created=created,
         model=a.model,
-        choices=[ChatChoice(message=ChatResponseMessage(content=a.text), finish_reason=result.finish_reason)],
+        choices=[ChatChoice(message=ChatResponseMessage(content=a.cited_text), finish_reason=result.finish_reason)],
         usage=ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, total_tokens=a.prompt_tokens + a.completion_tokens),
         sources=a.sources,
+        citations=a.attribution.sentences if a.attribution and not a.abstained else [],
+        abstained=a.abstained,
     )
 
 
 class Stream:
     """OpenAI's chunk events for one completion: a role chunk, content chunks, a finish chunk with the
-    sources, [usage], [DONE]."""
+    sources, citations and abstention, [usage], [DONE]."""
 
     def __init__(self, cid: str, created: int, model: str):
         self.head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -55,7 +64,7 @@ class Stream:
         return f"data: {json.dumps(body)}\n\n"
 
     def tail(self, full: ChatCompletion, include_usage: bool):
-        yield self.event({}, full.choices[0].finish_reason, sources=full.model_dump(include={"sources"})["sources"])
+        yield self.event({}, full.choices[0].finish_reason, **full.model_dump(mode="json", include={"sources", "citations", "abstained"}))
         if include_usage:
             yield f"data: {json.dumps(self.head | {'choices': [], 'usage': full.usage.model_dump()})}\n\n"
         yield "data: [DONE]\n\n"
@@ -67,7 +76,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     """Answer the last user message; grounded unless `rag` is false. With `stream: true` the answer's
     text arrives as it is generated."""
     rid, created, service = request_id(request), int(time.time()), request.app.state.service
-    ask = dict(rag=body.rag, k=body.top_k, max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature, request_id=rid)
+    ask = dict(rag=body.rag, k=body.top_k, abstain=body.abstain, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+               temperature=body.temperature, request_id=rid)
     if not body.stream:
         return completion(await service.answer(body.model, body.question(), **ask), f"chatcmpl-{rid}", created)
     pieces: asyncio.Queue = asyncio.Queue()

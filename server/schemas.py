@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from index.retriever import Passage
+from rag.attribution import Sentence
 from rag.generators.base import beams_problem
 from server.config import MAX_BEAMS, MAX_NEW_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K
 
@@ -38,6 +39,10 @@ def check_temperature(t: float | None) -> float | None:
     return t
 
 
+ABSTAIN_DOC = ("Say \"not in the course notes\" (with the closest passages as sources) when no passage is close to the question "
+               "or the passages do not support the answer; false returns the model's answer anyway, its unsupported sentences marked")
+
+
 class _Question(BaseModel):
     question: str = Field(..., min_length=1, max_length=MAX_QUESTION_CHARS)
 
@@ -56,6 +61,7 @@ class AnswerRequest(_Question):
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Generation limit; default: the model's")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy, else 0.01..2; default: the model's")
     num_beams: int | None = Field(None, ge=1, le=MAX_BEAMS, description="Beam search width, 1 = greedy (about num_beams x the time); default: the model's")
+    abstain: bool = Field(True, description=ABSTAIN_DOC)
 
     _temperature = field_validator("temperature")(check_temperature)
 
@@ -110,12 +116,27 @@ class Timings(BaseModel):
 
 
 class AnswerResponse(BaseModel):
-    answer: str
+    answer: str = Field(description="The answer; when `abstained`, the notice saying why there is none")
+    cited_answer: str = Field(description="`answer` with a marker after each sentence: [n] for sources[n-1] supporting it, [unsupported] when none does")
+    sentences: list[Sentence] = Field(description="Each sentence of `answer`: its span (start, end), support and the citations (source n, chunk_id, section_id, excerpt, score) behind its marker")
+    support: float | None = Field(description="How well the sources support the answer: the mean over sentences of their best source's score (null ungrounded)")
+    relevance: float | None = Field(description="How close the best source is to the question (cosine; null ungrounded)")
+    abstained: Literal["no_relevant_passage", "unsupported"] | None = Field(
+        description="null when answered; else why not: no passage is close to the question, or the passages do not support the generated answer")
+    raw_answer: str | None = Field(description="When abstained after generating: the model's own answer, unchecked")
     sources: list[Passage] = Field(description="The retrieved passages: text, source file, section, section_id (the citation id the CLI prints), score, chunk_id")
     model: str
     rag: bool = Field(description="Whether retrieved passages grounded this answer")
     usage: Usage
     timings: Timings
+
+
+class SectionOut(BaseModel):
+    section_id: str = Field(description="As in an answer's sources: unitN/topic#section for the course notes")
+    source: str = Field(description="The file it comes from, relative to the indexed folder")
+    title: str
+    section: str = Field(description="The section's heading (a Q&A pair: its question)")
+    text: str
 
 
 class ModelCard(BaseModel):
@@ -189,6 +210,7 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only one choice is generated")
     rag: bool = Field(True, description="aimlqa extension: false answers without retrieval (send it in `extra_body`)")
     top_k: int = Field(3, ge=1, le=MAX_TOP_K, description="aimlqa extension: passages to retrieve")
+    abstain: bool = Field(True, description="aimlqa extension: " + ABSTAIN_DOC)
 
     _temperature = field_validator("temperature")(check_temperature)
 
@@ -231,4 +253,6 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage
-    sources: list[Passage] = Field(description="aimlqa extension: the passages that grounded the answer")
+    sources: list[Passage] = Field(description="aimlqa extension: the passages that grounded the answer; a marker [n] in the content is sources[n-1]")
+    citations: list[Sentence] = Field(description="aimlqa extension: each sentence of the answer (spans without markers) with the citations behind its marker")
+    abstained: Literal["no_relevant_passage", "unsupported"] | None = Field(description="aimlqa extension: see POST /v1/answer")

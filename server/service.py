@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 from aimlqa.settings import UserError
 from rag.answer import Answerer, answer_batch
 from rag.generators.base import default_config
+from rag.citing import CitedStream
 from rag.postprocess import StreamCleaner
 from server.adapters import locate
 from server.batching import Batcher, QueueFull, Stopped
@@ -33,6 +34,7 @@ class BatchKey(NamedTuple):
 
     rag: bool
     k: int
+    abstain: bool
     max_new_tokens: int | None
     temperature: float | None
     num_beams: int | None = None
@@ -155,6 +157,20 @@ class Service:
             raise ApiError(404, f"unknown model {name!r}; this server serves: {', '.join(self.answerers)}", "model_not_found")
         return name, self.answerers[name]
 
+    def section(self, section_id: str) -> dict:
+        """A cited section's text, from the served index: what a citation's link opens."""
+        self.require_ready()
+        retriever = next((a.retriever for a in self.answerers.values() if a.retriever is not None), None)
+        chunks = retriever.section(section_id) if retriever is not None else []
+        if not chunks:
+            raise ApiError(404, f"no section {section_id!r} in the served index; section ids come from an answer's sources", "section_not_found")
+        text, end = "", -1
+        for c in chunks:  # overlapping chunks of one section: each character once
+            text += c.text if c.start >= end or c.kind != "prose" else c.text[max(0, end - c.start):]
+            end = max(end, c.end)
+        first = chunks[0]
+        return {"section_id": section_id, "source": first.source, "title": first.title, "section": first.section, "text": text.strip()}
+
     def index_info(self) -> dict | None:
         for a in self.answerers.values():
             if a.retriever is not None:
@@ -165,18 +181,20 @@ class Service:
     # --- answering ----------------------------------------------------------------------
 
     async def answer(self, model: str | None, question: str, *, rag: bool, k: int, max_new_tokens: int | None,
-                     temperature: float | None, request_id: str, num_beams: int | None = None,
+                     temperature: float | None, request_id: str, num_beams: int | None = None, abstain: bool = True,
                      on_text: Callable[[str], None] | None = None) -> Result:
-        """`on_text`: called on the event loop with each new piece of the answer as it is generated
-        (the pieces join to the final answer's text), the last one before this returns."""
+        """`on_text`: called on the event loop with each new piece of the answer's cited text as it
+        is generated (the pieces join to `Answer.cited_text`; after an answer that abstained once
+        generated, the notice follows what was shown), the last one before this returns."""
         t0 = time.monotonic()
         name, answerer = self.resolve(model)
-        sink = cleaner = None
+        sink = stream = None
         if on_text is not None and answerer.generator is not None:
-            loop, cleaner = asyncio.get_running_loop(), StreamCleaner(answerer.template.stop)
+            loop = asyncio.get_running_loop()
+            stream = CitedStream(StreamCleaner(answerer.template.stop), answerer.attributor, question)
 
-            def feed(raw: str) -> None:  # in the worker thread, after each decoding step
-                if piece := cleaner.feed(raw):
+            def feed(raw: str, passages: list) -> None:  # in the worker thread, after each decoding step
+                if piece := stream.feed(raw, passages):
                     loop.call_soon_threadsafe(on_text, piece)
 
             sink = feed
@@ -184,7 +202,7 @@ class Service:
         wanted = max_new_tokens or answerer.spec.max_new_tokens
         if gen is not None and wanted >= gen.context_window:
             raise ApiError(400, f"max_new_tokens={wanted} does not fit {name}'s context window of {gen.context_window} tokens", "max_new_tokens")
-        key = BatchKey(rag, k, max_new_tokens, *((temperature, num_beams, generation_defaults(answerer.spec)) if gen is not None else (None, None)))
+        key = BatchKey(rag, k, abstain, max_new_tokens, *((temperature, num_beams, generation_defaults(answerer.spec)) if gen is not None else (None, None)))
         try:
             job = self.batchers[self.pool_of[name]].submit((answerer, question, sink), key)
         except QueueFull as full:
@@ -208,7 +226,7 @@ class Service:
             raise ApiError(500, f"generating the answer failed; quote request id {request_id} when reporting it", "generation_failed") from None
         finally:
             self._inflight[name] -= 1
-        if on_text is not None and (rest := cleaner.finish(answer.text) if cleaner else answer.text):
+        if on_text is not None and (rest := stream.finish(answer) if stream else answer.cited_text):
             on_text(rest)
         self.metrics.observe_tokens(name, answer.prompt_tokens, answer.completion_tokens)
         limit = max_new_tokens or answerer.spec.max_new_tokens
@@ -223,7 +241,7 @@ class Service:
         fits = [item for item, p in zip(items, problems) if p is None]
         gen = {} if items[0][0].generator is None else {"max_new_tokens": key.max_new_tokens, "temperature": key.temperature, "num_beams": key.num_beams}
         pairs, sinks = [(a, q) for a, q, _ in fits], [sink for *_, sink in fits]
-        answers = iter(answer_batch(pairs, rag=key.rag, k=key.k, sinks=sinks, **gen) if fits else [])
+        answers = iter(answer_batch(pairs, rag=key.rag, k=key.k, sinks=sinks, abstain=key.abstain, **gen) if fits else [])
         return [ApiError(400, p, "question_too_long") if p else next(answers) for p in problems]
 
     def _token_problem(self, answerer, question: str, max_new_tokens: int | None) -> str | None:
