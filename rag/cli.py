@@ -36,9 +36,10 @@ def ask(
     max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit"),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy"),
     beams: Optional[int] = typer.Option(None, "--beams", min=1, max=16, help="Beam search width (default: the model's; 1 = greedy)"),
+    abstain: bool = typer.Option(True, "--abstain/--no-abstain", help="Say \"not in the course notes\" when the notes do not support an answer (--no-abstain: answer anyway, unsupported sentences marked)"),
     as_json: bool = typer.Option(False, "--json", help="Print the whole answer as JSON"),
 ):
-    """Answer one question with a registered model, showing its sources."""
+    """Answer one question with a registered model; each sentence cites the sources that support it."""
     from aimlqa import settings
     from rag.answer import Answerer
     from rag.registry import get_spec
@@ -48,18 +49,39 @@ def ask(
     if rag and retriever is None:
         typer.secho(f"note: no index at {settings.default_index_dir()}, so this answer is not grounded; "
                     "build one with `make index`, or pass --index DIR (or --no-rag)", fg=typer.colors.YELLOW, err=True)
-    answer = Answerer(spec, retriever, mode=mode).answer(question, rag=rag, k=k, max_new_tokens=max_new_tokens, temperature=temperature, num_beams=beams)
+    answer = Answerer(spec, retriever, mode=mode).answer(question, rag=rag, k=k, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                          num_beams=beams, abstain=abstain)
     if as_json:
         typer.echo(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
         return
-    typer.echo(answer.text or "(no answer)")
-    if answer.sources:
-        typer.echo("\nSources:")
-        for n, s in enumerate(answer.sources, 1):
-            typer.echo(f"  [{n}] {s.section_id} (score {s.score:.3f})")
+    show_answer(answer)
     t = answer.timings
     typer.echo(f"\n{answer.model}, rag={'on' if answer.rag else 'off'}, {answer.prompt_tokens}+{answer.completion_tokens} tokens, "
                f"retrieve {t.get('retrieve_ms', 0):.0f} ms, generate {t.get('generate_ms', 0):.0f} ms", err=True)
+
+
+def show_answer(answer) -> None:
+    """The cited answer (or the notice), then each source with the excerpts its markers point at."""
+    from rag.citing import UNSUPPORTED_MARK
+
+    text = answer.cited_text or "(no answer)"
+    for part in text.split(UNSUPPORTED_MARK)[:-1]:  # "[unsupported]" stands out, as a warning does
+        typer.echo(part, nl=False)
+        typer.secho(UNSUPPORTED_MARK, fg=typer.colors.YELLOW, nl=False)
+    typer.secho(text.split(UNSUPPORTED_MARK)[-1], fg=typer.colors.YELLOW if answer.abstained else None)
+    if not answer.sources:
+        return
+    att = answer.attribution
+    cited = {} if att is None or answer.abstained else {c.n: c.excerpt for s in att.sentences for c in reversed(s.citations)}
+    typer.echo("\nClosest passages (not an answer):" if answer.abstained else "\nSources:")
+    for n, s in enumerate(answer.sources, 1):
+        typer.echo(f"  [{n}] {s.section_id} (score {s.score:.3f})" + ("" if n in cited or not cited else "  not cited"))
+        if n in cited:
+            typer.echo(f"      \"{cited[n]}\"")
+    if att is not None:
+        support = "" if answer.abstained == "no_relevant_passage" else f"support {att.support:.2f}, "
+        note = " (re-ask with --no-abstain for the model's unchecked answer)" if answer.abstained else ""
+        typer.echo(f"{support}relevance to the question {att.relevance:.2f}{note}", err=True)
 
 
 def models():
