@@ -49,6 +49,18 @@ def streaming(d: dict) -> str:
             f"streamed text equals the answer: {'yes' if d['all_same_text'] else 'no'}")
 
 
+def citations(d: dict) -> str:
+    t, o, c, target = d["cells"]["aiml_qa"], d["cells"]["out_of_course"], d["timing"], d["targets"]
+    p, r = t["citation_precision"]["mean"], t["citation_recall"]["mean"]
+    out, inside = o["abstained"]["mean"], t["abstained"]["mean"]
+    added = c["added"]["p50_ms"]
+    return (f"aiml_qa test: citation precision {_ci(t['citation_precision'])} (target {target['citation_precision']:g}: "
+            f"{_verdict(p >= target['citation_precision'])}), recall {_ci(t['citation_recall'])} ({_verdict(r >= target['citation_recall'])}); "
+            f"abstains on {out:.0%} of {o['n']} out-of-course questions ({_verdict(out >= target['ooc_abstained'])}) and {inside:.1%} of {t['n']} "
+            f"in-course ones ({_verdict(inside <= target['in_course_abstained_max'])}); served ROUGE-L {_ci(t['rougeL_served'])} against "
+            f"{_ci(t['rougeL'])} answering all; attribution adds {added:.1f} ms p50 ({_verdict(added <= target['attribution_p50_ms'])})")
+
+
 def retrieval(d: dict) -> str:
     g = d["notes_gold_section"]
     return f"gold-section MRR {g['hybrid']['mrr']:.3f} hybrid ({g['dense']['mrr']:.3f} dense), R@5 {g['hybrid']['recall@5']:.3f}"
@@ -99,6 +111,7 @@ ROWS = [
     ("shipped default", "ablation-default-model.json", "bench/ablation.py --config bench/default.yaml", default_model),
     ("live adapters", "adapters.json", "bench/adapters.py", adapters),
     ("streaming", "streaming.json", "bench/streaming.py", streaming),
+    ("citations and abstention", "citations.json", "bench/citations.py", citations),
     ("retrieval", "retrieval.json", "bench/retrieval.py", retrieval),
     ("generation", "generation.json", "bench/generation.py", generation),
     ("fine-tuning", "finetune.json", "bench/finetune.py", finetune),

@@ -134,7 +134,7 @@ def test_answer_with_sources_matches_the_answerer(client, answerers):
     r = ask(client, {"question": QUESTION, "model": TINY, "top_k": 2})
     assert r.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
     body = r.json()
-    assert set(body) == {"answer", "sources", "model", "rag", "usage", "timings"}
+    assert set(body) == {"answer", "cited_answer", "sentences", "support", "relevance", "abstained", "raw_answer", "sources", "model", "rag", "usage", "timings"}
     assert body["model"] == TINY and body["rag"] is True and len(body["sources"]) == 2
     assert all(set(s) == {"text", "source", "section", "section_id", "score", "chunk_id"} for s in body["sources"])
     scores = [s["score"] for s in body["sources"]]
@@ -208,7 +208,7 @@ def test_seed_get_with_a_body_answers_and_a_browser_gets_the_page(client):
         ({"question": QUESTION, "temperature": 1e-170}, 422, "temperature: temperature must be 0 (greedy) or at least 0.01"),
         ({"question": QUESTION, "num_beams": 9}, 422, "num_beams: Input should be less than or equal to 8"),
         ({"question": QUESTION, "num_beams": 2, "temperature": 0.7}, 422, "num_beams=2 is beam search, which does not sample"),
-        ({"question": QUESTION, "topk": 2}, 422, "topk: unknown field; known: max_new_tokens, model, num_beams, question, rag, temperature, top_k"),
+        ({"question": QUESTION, "topk": 2}, 422, "topk: unknown field; known: abstain, max_new_tokens, model, num_beams, question, rag, temperature, top_k"),
         ({"question": QUESTION, "model": "gpt-4"}, 404, "unknown model 'gpt-4'; this server serves: tiny-gpt2, retrieval-only"),
         ({"question": QUESTION, "model": "/tmp/some/model/dir"}, 404, "unknown model '/tmp/some/model/dir'"),
     ],
@@ -259,7 +259,7 @@ def test_openai_client_plain_streaming_and_errors(answerers):
         messages = [{"role": "system", "content": "You are a tutor."}, {"role": "user", "content": QUESTION}]
         grounded = oai.chat.completions.create(model=TINY, messages=messages)
         expected = httpx.post(f"{url}/v1/answer", json={"question": QUESTION, "model": TINY}, headers={"Authorization": "Bearer k1"}).json()
-        assert grounded.choices[0].message.content == expected["answer"] and grounded.choices[0].message.role == "assistant"
+        assert grounded.choices[0].message.content == expected["cited_answer"] and grounded.choices[0].message.role == "assistant"
         assert grounded.choices[0].finish_reason in ("stop", "length") and grounded.object == "chat.completion"
         assert grounded.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
         assert grounded.usage.total_tokens == grounded.usage.prompt_tokens + grounded.usage.completion_tokens
@@ -295,7 +295,7 @@ def test_chat_content_parts_and_last_user_message(client):
     ]}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
-    assert r.json()["choices"][0]["message"]["content"] == ask(client, {"question": QUESTION, "model": "retrieval-only"}).json()["answer"]
+    assert r.json()["choices"][0]["message"]["content"] == ask(client, {"question": QUESTION, "model": "retrieval-only"}).json()["cited_answer"]
     assert client.post("/v1/chat/completions", json=body | {"n": 2}).status_code == 422
 
 
@@ -622,7 +622,7 @@ def test_the_page_asks_and_shows_the_answer_with_sources(browser, live_url):
 
     api = httpx.post(f"{live_url}/v1/answer", json={"question": QUESTION, "model": "retrieval-only", "top_k": 3}).json()
     text, scores = ask_on_page("retrieval-only", rag=True)
-    assert text == api["answer"]
+    assert text == api["cited_answer"]  # the markers are shown as "[n]" links
     assert scores == [f"{s['score']:.3f}" for s in api["sources"]]
     assert " ".join(api["sources"][0]["text"].split()) in browser.find_element(By.CSS_SELECTOR, "#sources li").text
 
@@ -636,6 +636,84 @@ def test_the_page_asks_and_shows_the_answer_with_sources(browser, live_url):
     wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
     assert "question is empty" in browser.find_element(By.ID, "status").text
 
+
+
+def test_the_page_links_citations_to_their_sections(browser, live_url, answerers):
+    """The retrieval-only model answers with the top passage, so its sentences cite source 1: each
+    marker is a link to its source with the excerpt as its title, a source opens its whole section,
+    and an answer that abstains says so and offers the model's answer anyway."""
+    import dataclasses
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    wait = WebDriverWait(browser, 30)
+    browser.get(live_url + "/")
+    wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded") == "true")
+
+    def ask_on_page():
+        Select(browser.find_element(By.ID, "model")).select_by_value("retrieval-only")
+        if not browser.find_element(By.ID, "rag").is_selected():
+            browser.find_element(By.ID, "rag").click()
+        question = browser.find_element(By.ID, "question")
+        question.clear()
+        question.send_keys(QUESTION)
+        browser.execute_script("document.getElementById('answer').textContent = ''")
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda d: d.find_element(By.ID, "answer").text and d.find_element(By.ID, "ask").is_enabled())
+        assert browser.find_element(By.ID, "status").text == ""
+        return browser.find_element(By.ID, "answer")
+
+    answer = ask_on_page()
+    cited_text = answer.text
+    assert "abstained" not in answer.get_attribute("class") and not browser.find_element(By.ID, "raw").is_displayed()
+    cites = answer.find_elements(By.CSS_SELECTOR, ".cite")
+    assert cites, cited_text
+    n = cites[0].get_attribute("data-n")
+    assert cites[0].text == f"[{n}]" and cites[0].get_attribute("href").endswith(f"#source-{n}")
+    item = browser.find_element(By.ID, f"source-{n}")
+    passage = norm(item.find_element(By.CLASS_NAME, "passage").text)
+    title = norm(cites[0].get_attribute("title"))
+    assert title and title in passage, (title, passage)
+    assert "support " in browser.find_element(By.ID, "meta").text
+
+    cites[0].click()
+    wait.until(lambda d: "highlight" in d.find_element(By.ID, f"source-{n}").get_attribute("class"))
+
+    view = browser.find_element(By.ID, "section-view")
+    assert not view.is_displayed()
+    item.find_element(By.CLASS_NAME, "section-link").click()
+    wait.until(lambda d: d.find_element(By.ID, "section-view").is_displayed() and d.find_element(By.ID, "section-text").text)
+    assert browser.find_element(By.ID, "status").text == ""
+    assert " — " in browser.find_element(By.ID, "section-title").text
+    assert passage in norm(browser.find_element(By.ID, "section-text").text)
+    view.find_element(By.ID, "section-close").click()
+    wait.until(lambda d: not d.find_element(By.ID, "section-view").is_displayed())
+
+    # Thresholds no retrieved passage meets: the answer abstains, the page says so and offers the model's answer
+    attributor = answerers["retrieval-only"].attributor
+    saved = attributor.thresholds
+    assert attributor.calibrated  # else the thresholds would not be applied
+    attributor.thresholds = dataclasses.replace(saved, relevance=0.99, support=None, embed_model=saved.embed_model)
+    try:
+        answer = ask_on_page()
+        assert "abstained" in answer.get_attribute("class")
+        assert answer.text.startswith("Not in the course notes:") and not answer.find_elements(By.CSS_SELECTOR, ".cite")
+        assert browser.find_element(By.ID, "sources-title").text == "Closest passages (not an answer)"
+        assert browser.find_elements(By.CSS_SELECTOR, "#sources li")
+        raw = browser.find_element(By.ID, "raw")
+        assert raw.is_displayed() and raw.text == "Show the model's answer anyway"
+        raw.click()
+        wait.until(lambda d: "abstained" not in d.find_element(By.ID, "answer").get_attribute("class")
+                   and d.find_element(By.ID, "ask").is_enabled() and d.find_element(By.ID, "answer").text)
+        assert browser.find_element(By.ID, "answer").text == cited_text
+        assert not browser.find_element(By.ID, "raw").is_displayed()
+        assert browser.find_element(By.ID, "sources-title").text == "Sources"
+    finally:
+        attributor.thresholds = saved
 
 # --- `aimlqa serve` -----------------------------------------------------------------------
 
