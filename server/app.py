@@ -71,7 +71,8 @@ def answer_response(result: Result) -> AnswerResponse:
         model=a.model,
         rag=a.rag,
         usage=Usage(prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens),
-        timings=Timings(retrieve_ms=a.timings.get("retrieve_ms", 0.0), generate_ms=a.timings.get("generate_ms", 0.0), queue_ms=result.queue_ms),
+        timings=Timings(retrieve_ms=a.timings.get("retrieve_ms", 0.0), generate_ms=a.timings.get("generate_ms", 0.0),
+                        attribute_ms=a.timings.get("attribute_ms", 0.0), queue_ms=result.queue_ms),
     )
 
 

@@ -112,6 +112,7 @@ class Usage(BaseModel):
 class Timings(BaseModel):
     retrieve_ms: float
     generate_ms: float
+    attribute_ms: float = Field(0.0, description="Attributing the answer's sentences to its sources")
     queue_ms: float = Field(description="Time waiting for a batch slot")
 
 

@@ -144,7 +144,7 @@ def test_answer_with_sources_matches_the_answerer(client, answerers):
     assert body["answer"] == direct.text and body["usage"]["prompt_tokens"] == direct.prompt_tokens
     assert [s["section_id"] for s in body["sources"]] == [s.section_id for s in direct.sources]  # the CLI's citation ids
     assert all(re.fullmatch(r"[\w.-]+(/[\w.-]+)*#[\w.-]+", s["section_id"]) for s in body["sources"]), body["sources"]
-    assert set(body["timings"]) == {"retrieve_ms", "generate_ms", "queue_ms"} and body["timings"]["generate_ms"] > 0
+    assert set(body["timings"]) == {"retrieve_ms", "generate_ms", "attribute_ms", "queue_ms"} and body["timings"]["generate_ms"] > 0
 
     beams = ask(client, {"question": QUESTION, "model": TINY, "top_k": 2, "num_beams": 3, "max_new_tokens": 6}).json()
     assert beams["answer"] == answerers[TINY].answer(QUESTION, rag=True, k=2, num_beams=3, max_new_tokens=6).text
