@@ -1,4 +1,9 @@
-"""The `aimlqa` command: each package mounts its own sub-commands here."""
+"""The `aimlqa` command: each package mounts its own sub-commands here.
+
+The packages are found through the `aimlqa.commands` entry points (pyproject.toml), not imported
+by name: this module sits in the bottom layer beside the settings that every package imports, so
+it must import none of them.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +18,26 @@ from aimlqa.settings import UserError
 app = typer.Typer(help="Question answering for an AI/ML course.", no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def _mount() -> None:
-    from index.cli import app as index_app
-    from index.cli import data_app
+ORDER = ("index", "rag", "finetune", "server", "eval")  # as `aimlqa --help` lists them: the data flow
 
-    app.add_typer(index_app, name="index", help="Build, inspect and search a course-material index.")
-    app.add_typer(data_app, name="data", help="Check the project's course notes and Q&A set.")
-    for module in ("rag.cli", "finetune.cli", "server.cli", "eval.cli"):
+
+def _mount() -> None:
+    """Add every installed package's sub-commands to `app`, once."""
+    from importlib.metadata import entry_points
+
+    if app.registered_groups or app.registered_commands:
+        return
+    found = sorted(entry_points(group="aimlqa.commands"), key=lambda ep: (ORDER.index(ep.name) if ep.name in ORDER else len(ORDER), ep.name))
+    if not found:
+        raise UserError("no aimlqa commands are installed; reinstall the project: make install (or pip install -e .)")
+    for ep in found:
         try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(app)
+            register = ep.load()
+        except ModuleNotFoundError as e:  # a package left out of this install
+            if e.name and e.name.split(".")[0] == ep.value.split(".")[0]:
+                continue
+            raise
+        register(app)
 
 
 def main() -> None:

@@ -106,3 +106,8 @@ def split_cmd(
         r.split = split_of(r.question, fr)
     write_jsonl(records, out)
     typer.echo(f"wrote {len(records)} records to {out}: {dict(Counter(r.split for r in records))}")
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="index", help="Build, inspect and search a course-material index.")
+    root.add_typer(data_app, name="data", help="Check the project's course notes and Q&A set.")

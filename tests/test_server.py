@@ -595,6 +595,25 @@ def browser():
     driver.quit()
 
 
+def page_ask(browser, wait, model: str, rag: bool):
+    """Ask QUESTION on the page with this model and retrieval setting; the #answer element once done."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element(By.ID, "model")).select_by_value(model)
+    box = browser.find_element(By.ID, "rag")
+    if box.is_selected() != rag:
+        box.click()
+    question = browser.find_element(By.ID, "question")
+    question.clear()
+    question.send_keys(QUESTION)
+    browser.execute_script("document.getElementById('answer').textContent = ''")
+    browser.find_element(By.ID, "ask").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").text and d.find_element(By.ID, "ask").is_enabled())
+    assert browser.find_element(By.ID, "status").text == ""
+    return browser.find_element(By.ID, "answer")
+
+
 def test_the_page_asks_and_shows_the_answer_with_sources(browser, live_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -606,19 +625,9 @@ def test_the_page_asks_and_shows_the_answer_with_sources(browser, live_url):
     assert [o.get_attribute("value") for o in picker.options] == [TINY, "retrieval-only"]
 
     def ask_on_page(model: str, rag: bool) -> tuple[str, list[str]]:
-        picker.select_by_value(model)
-        box = browser.find_element(By.ID, "rag")
-        if box.is_selected() != rag:
-            box.click()
-        question = browser.find_element(By.ID, "question")
-        question.clear()
-        question.send_keys(QUESTION)
-        browser.execute_script("document.getElementById('answer').textContent = ''")
-        browser.find_element(By.ID, "ask").click()
-        wait.until(lambda d: d.find_element(By.ID, "answer").text and d.find_element(By.ID, "ask").is_enabled())
-        assert browser.find_element(By.ID, "status").text == ""
+        answer = page_ask(browser, wait, model, rag)
         items = browser.find_elements(By.CSS_SELECTOR, "#sources li")
-        return browser.find_element(By.ID, "answer").text, [i.find_element(By.CLASS_NAME, "score").text for i in items]
+        return answer.text, [i.find_element(By.CLASS_NAME, "score").text for i in items]
 
     api = httpx.post(f"{live_url}/v1/answer", json={"question": QUESTION, "model": "retrieval-only", "top_k": 3}).json()
     text, scores = ask_on_page("retrieval-only", rag=True)
@@ -637,7 +646,6 @@ def test_the_page_asks_and_shows_the_answer_with_sources(browser, live_url):
     assert "question is empty" in browser.find_element(By.ID, "status").text
 
 
-
 def test_the_page_links_citations_to_their_sections(browser, live_url, answerers):
     """The retrieval-only model answers with the top passage, so its sentences cite source 1: each
     marker is a link to its source with the excerpt as its title, a source opens its whole section,
@@ -645,7 +653,7 @@ def test_the_page_links_citations_to_their_sections(browser, live_url, answerers
     import dataclasses
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
     def norm(text: str) -> str:
         return " ".join(text.split())
@@ -655,17 +663,7 @@ def test_the_page_links_citations_to_their_sections(browser, live_url, answerers
     wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded") == "true")
 
     def ask_on_page():
-        Select(browser.find_element(By.ID, "model")).select_by_value("retrieval-only")
-        if not browser.find_element(By.ID, "rag").is_selected():
-            browser.find_element(By.ID, "rag").click()
-        question = browser.find_element(By.ID, "question")
-        question.clear()
-        question.send_keys(QUESTION)
-        browser.execute_script("document.getElementById('answer').textContent = ''")
-        browser.find_element(By.ID, "ask").click()
-        wait.until(lambda d: d.find_element(By.ID, "answer").text and d.find_element(By.ID, "ask").is_enabled())
-        assert browser.find_element(By.ID, "status").text == ""
-        return browser.find_element(By.ID, "answer")
+        return page_ask(browser, wait, "retrieval-only", rag=True)
 
     answer = ask_on_page()
     cited_text = answer.text
