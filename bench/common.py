@@ -38,11 +38,13 @@ def machine() -> dict:
 
 
 def write(name: str, data: dict) -> Path:
+    """bench/results/NAME.json, with paths made portable (relative to the repository, or $AIMLQA_HOME)."""
+    from eval.report import portable
     from index.store import versions
 
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "versions": versions(), **data}
+    data = portable({"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "versions": versions(), **data})
     path.write_text(json.dumps(data, indent=2))
     print(f"wrote {path}")
     return path

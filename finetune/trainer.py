@@ -15,11 +15,11 @@ from finetune.loss import answer_only_loss
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    from rouge_score import rouge_scorer
+    """Validation ROUGE, by the evaluator's own definition: a checkpoint is chosen by what
+    `aimlqa eval` will report."""
+    from eval.metrics import rouge_scores
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, p) for p, r in zip(predictions, references)]
-    return {k: sum(s[k].fmeasure for s in scores) / max(len(scores), 1) for k in ("rouge1", "rouge2", "rougeL")}
+    return {k: v for k, v in rouge_scores(predictions, references).items() if k in ("rouge1", "rouge2", "rougeL")}
 
 
 class QATrainer(Trainer):
