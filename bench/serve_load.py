@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from common import percentiles, verdict, write  # noqa: E402  (sets sys.path)
 import httpx
 
 from aimlqa import settings
+from server.local import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 QUEUE_SIZE = 256  # above the largest level, so every level is "below the queue bound"
@@ -65,12 +65,6 @@ def bench_index() -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(model: str, index: Path, max_batch_size: int, log_dir: Path):
     """`aimlqa serve` in a subprocess on loopback; yields its URL once /readyz says ready."""
@@ -82,18 +76,10 @@ def server(model: str, index: Path, max_batch_size: int, log_dir: Path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"AIMLQA_API_KEYS": ""})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600  # the first start of gemma-270m converts the GGUF (about a minute)
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited ({proc.returncode}):\n{(log_dir / f'{model}.log').read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not become ready in 10 minutes")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        try:  # the first start of gemma-270m converts the GGUF (about a minute)
+            wait_ready(url, proc, 600, 0.5)
+        except RuntimeError as e:
+            raise SystemExit(f"{e}:\n{(log_dir / f'{model}.log').read_text()[-2000:]}") from None
         yield url
     finally:
         proc.terminate()

@@ -29,3 +29,27 @@ def live(app, start_timeout_s: float = 20.0):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout_s: float, poll_s: float = 0.3) -> None:
+    """Until `aimlqa serve` in `proc` says ready on /readyz; RuntimeError if it exits or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not become ready in {timeout_s:g} s")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(poll_s)

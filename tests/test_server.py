@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rag.answer import Answerer
 from rag.registry import ModelSpec
 from server import ServerConfig, create_app
-from server.local import live
+from server.local import free_port, live, wait_ready
 from tests.tiny import build_tiny, tiny_spec
 
 TINY = "tiny-gpt2"
@@ -716,12 +715,6 @@ def test_the_page_links_citations_to_their_sections(browser, live_url, answerers
 # --- `aimlqa serve` -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_process(*args: str, home: Path):
     env = os.environ | {"AIMLQA_HOME": str(home), "AIMLQA_API_KEYS": ""}
     return subprocess.Popen([sys.executable, "-m", "aimlqa", "serve", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -733,16 +726,10 @@ def test_aimlqa_serve_starts_loads_and_answers(built_index, tmp_path):
     proc = serve_process("--model", "retrieval-only", "--index", str(built_index), "--port", str(port), "--log-level", "warning", home=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the server never became ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        try:
+            wait_ready(url, proc, 90)
+        except RuntimeError as e:
+            raise AssertionError(f"{e}: {proc.communicate()[1] if proc.poll() is not None else ''}") from None
         r = httpx.post(f"{url}/v1/answer", json={"question": QUESTION}, timeout=30)
         assert r.status_code == 200 and r.json()["model"] == "retrieval-only" and "dropout" in r.json()["sources"][0]["text"].lower()
     finally:
