@@ -156,15 +156,19 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
         return answers
     if any(a.generator is not first.generator for a, _ in items):
         raise ValueError("a batch mixes Answerers with different generators")
-    far = _far_from_notes(items, hits, used, retrieve_ms) if abstain else {}
-    if far:  # nothing in the notes is close: say so without generating
-        rest = [i for i in range(len(items)) if i not in far]
-        answers = dict(far)
-        if rest:
-            sub = answer_batch([items[i] for i in rest], rag, k, mode, [sinks[i] for i in rest] if sinks else None, abstain, **gen)
-            answers.update(zip(rest, sub))
-        return [answers[i] for i in range(len(items))]
+    answers: dict[int, Answer] = _far_from_notes(items, hits, used, retrieve_ms) if abstain else {}  # said so without generating
+    todo = [i for i in range(len(items)) if i not in answers]
+    if todo:
+        answers.update(zip(todo, _generate([items[i] for i in todo], [hits[i] for i in todo], [used[i] for i in todo],
+                                           [sinks[i] for i in todo] if sinks else None, retrieve_ms, gen)))
+    out = [answers[i] for i in range(len(items))]
+    attribute(out, questions, first.attributor, abstain)
+    return out
 
+
+def _generate(items, hits, used, sinks, retrieve_ms: float, gen: dict) -> list[Answer]:
+    """One generate call for all rows (each through its own adapter), the answers cleaned."""
+    first = items[0][0]
     config = default_config(first.spec, first.template.stop, **gen)
     budget = first.generator.context_window - config.max_new_tokens
     prompts, kept = [], []
@@ -178,7 +182,7 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
     t1 = time.perf_counter()
     gens = first.generator.generate(prompts, config, **routed)
     generate_ms = (time.perf_counter() - t1) * 1000 / len(items)
-    answers = [
+    return [
         Answer(
             text=clean_answer(g.text, truncated=g.finish_reason == "length"),
             sources=list(h),
@@ -191,8 +195,6 @@ def answer_batch(items: list[tuple[Answerer, str]], rag: bool = True, k: int = 3
         )
         for (a, _), g, h, prompt, use in zip(items, gens, kept, prompts, used)
     ]
-    attribute(answers, questions, first.attributor, abstain)
-    return answers
 
 
 def _far_from_notes(items, hits, used, retrieve_ms: float) -> dict[int, Answer]:
@@ -206,5 +208,6 @@ def _far_from_notes(items, hits, used, retrieve_ms: float) -> dict[int, Answer]:
         if attributor.decide(rel, None) == NO_RELEVANT_PASSAGE:
             a = items[i][0]
             out[i] = Answer(NOTICES[NO_RELEVANT_PASSAGE], list(hits[i]), a.spec.name, True,
-                            timings={"retrieve_ms": round(retrieve_ms, 2), "generate_ms": 0.0}, attribution=Attribution([], round(rel, 4), 0.0, NO_RELEVANT_PASSAGE), abstained=NO_RELEVANT_PASSAGE)
+                            timings={"retrieve_ms": round(retrieve_ms, 2), "generate_ms": 0.0},
+                            attribution=Attribution([], round(rel, 4), 0.0, NO_RELEVANT_PASSAGE), abstained=NO_RELEVANT_PASSAGE)
     return out
