@@ -26,7 +26,7 @@ class ModelSpec(BaseModel):
     family: Literal["gemma3", "gpt2", "bart", "mistral", "llama", "none"]
     base: str = ""
     adapter: str | None = None
-    backend: Literal["transformers", "vllm", "retrieval"] = "transformers"
+    backend: Literal["transformers", "llamacpp", "vllm", "retrieval"] = "transformers"
     merge_adapter: bool = False
     load_in_4bit: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: see rag.generators.hf.pick_dtype

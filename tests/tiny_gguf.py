@@ -25,7 +25,9 @@ def vocabulary() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_tiny_gemma3_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gemma3_gguf(path: Path, seed: int = 0, output_norm: float = 0.0) -> Path:
+    """`output_norm`: the final norm's stored weight (llama.cpp reads it as is; 0 makes every logit
+    equal, so the model says nothing: give 1 where its answers must depend on its weights)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -60,7 +62,7 @@ def write_tiny_gemma3_gguf(path: Path, seed: int = 0) -> Path:
 
     embed = rand(len(tokens), HIDDEN)
     w.add_tensor("token_embd.weight", gguf.quants.quantize(embed, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.add_tensor("output_norm.weight", np.zeros(HIDDEN, np.float32))
+    w.add_tensor("output_norm.weight", np.full(HIDDEN, output_norm, np.float32))
     for i in range(LAYERS):
         b = f"blk.{i}."
         w.add_tensor(b + "attn_q.weight", rand(HEADS * HEAD_DIM, HIDDEN))

@@ -1,4 +1,4 @@
-"""Generators: one batched interface over transformers and vLLM, and the factory that picks one.
+"""Generators: one batched interface over transformers, llama.cpp and vLLM, and the factory that picks one.
 
 The factory lives here rather than in `base`, so that the interface imports none of its back ends."""
 
@@ -15,6 +15,10 @@ def load_generator(spec, **overrides) -> "Generator":
         from rag.generators.hf import TransformersGenerator
 
         return TransformersGenerator(spec, **overrides)
+    if backend == "llamacpp":
+        from rag.generators.llamacpp import LlamaCppGenerator
+
+        return LlamaCppGenerator(spec, **overrides)
     if backend == "vllm":
         from rag.generators.vllm import VLLMGenerator
 
