@@ -17,10 +17,24 @@ MODES = ("dense", "bm25", "hybrid")
 DEFAULT_MODE = "hybrid"
 
 # What `aimlqa ask` answers with and `make run` serves: the embedded Gemma 3 270M with the
-# retrieval-aware adapter shipped in rag/adapters/ (its manifest says how it was trained). The
-# base model is one name away (`-m gemma-270m`), and is served beside it on the same weights.
-DEFAULT_MODEL = "gemma-270m-aiml"
+# retrieval-aware adapter shipped in rag/adapters/ (its manifest says how it was trained), on
+# llama.cpp, the fastest back end on a CPU (bench/results/llamacpp.json). The same adapter on
+# transformers is one name away and serves beside it (it also takes adapters loaded live), as
+# does the untuned base; without llama.cpp built, the transformers one is the default.
+DEFAULT_MODEL = "gemma-270m-aiml-cpp"
+TRANSFORMERS_MODEL = "gemma-270m-aiml"
 BASE_MODEL = "gemma-270m"
+
+
+def default_model() -> str:
+    import importlib.util
+
+    return DEFAULT_MODEL if importlib.util.find_spec("llama_cpp") is not None else TRANSFORMERS_MODEL
+
+
+def default_models() -> list[str]:
+    """What `aimlqa serve` serves when no --model is given; the first is the default."""
+    return list(dict.fromkeys([default_model(), TRANSFORMERS_MODEL, BASE_MODEL]))
 
 
 def home() -> Path:

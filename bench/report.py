@@ -61,6 +61,21 @@ def citations(d: dict) -> str:
             f"{_ci(t['rougeL'])} answering all; attribution adds {added:.1f} ms p50 ({_verdict(added <= target['attribution_p50_ms'])})")
 
 
+def llamacpp(d: dict) -> str:
+    hf, cpp, q, c = d["decode"]["transformers"], d["decode"]["llamacpp"], d["quality"], d["concurrent"]
+    t = d["targets"]
+    today = cpp["short_prompt_decode_tokens_per_s"] / d["today_tokens_per_s"]
+    mem = d["peak_memory"]
+    return (f"batch-1 decode {cpp['short_prompt_decode_tokens_per_s']:.1f} tokens/s, {today:.2f}x today's {d['today_tokens_per_s']} "
+            f"(target {t['decode_over_today']:g}x: {_verdict(today >= t['decode_over_today'])}); grounded prompts {cpp['decode_tokens_per_s']:.1f} "
+            f"against transformers' {hf['decode_tokens_per_s']:.1f} in the same run ({d['decode_speedup_same_run']:.2f}x), "
+            f"{cpp['ratio_to_bound']:.2f} of its memory bound (target {t['ratio_to_bound']:g}: {_verdict(cpp['ratio_to_bound'] >= t['ratio_to_bound'])}); "
+            f"first token {cpp['ttft_s']:.2f} s against {hf['ttft_s']:.2f} s; 8 clients {c['llamacpp']['answers_per_s']:.2f} against "
+            f"{c['transformers']['answers_per_s']:.2f} answers/s, {d['served_ratio']:.2f}x (target {t['served_ratio']:g}x: "
+            f"{_verdict(d['served_ratio'] >= t['served_ratio'])}); ROUGE-L {_ci(q['llamacpp'])} against {_ci(q['transformers'])} "
+            f"({_verdict(q['within_interval'])}); peak memory {mem['llamacpp']['peak_rss_mb']:.0f} against {mem['transformers']['peak_rss_mb']:.0f} MB")
+
+
 def retrieval(d: dict) -> str:
     g = d["notes_gold_section"]
     return f"gold-section MRR {g['hybrid']['mrr']:.3f} hybrid ({g['dense']['mrr']:.3f} dense), R@5 {g['hybrid']['recall@5']:.3f}"
@@ -112,6 +127,7 @@ ROWS = [
     ("live adapters", "adapters.json", "bench/adapters.py", adapters),
     ("streaming", "streaming.json", "bench/streaming.py", streaming),
     ("citations and abstention", "citations.json", "bench/citations.py", citations),
+    ("llama.cpp back end", "llamacpp.json", "bench/llamacpp.py", llamacpp),
     ("retrieval", "retrieval.json", "bench/retrieval.py", retrieval),
     ("generation", "generation.json", "bench/generation.py", generation),
     ("fine-tuning", "finetune.json", "bench/finetune.py", finetune),

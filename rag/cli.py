@@ -9,7 +9,6 @@ from typing import Optional
 import typer
 
 from aimlqa.options import mode_option
-from aimlqa.settings import DEFAULT_MODEL
 
 
 def open_retriever(index: Optional[Path], required: bool = False):
@@ -28,7 +27,8 @@ def open_retriever(index: Optional[Path], required: bool = False):
 
 def ask(
     question: str = typer.Argument(..., help="The question"),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="A registered model (see `aimlqa models`; the untuned base: gemma-270m)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", show_default="gemma-270m-aiml-cpp (llama.cpp; gemma-270m-aiml without it)",
+                                        help="A registered model (see `aimlqa models`; the untuned base: gemma-270m)"),
     rag: bool = typer.Option(True, "--rag/--no-rag", help="Ground the answer in retrieved passages"),
     k: int = typer.Option(3, "-k", help="Passages to retrieve"),
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course)"),
@@ -44,7 +44,7 @@ def ask(
     from rag.answer import Answerer
     from rag.registry import get_spec
 
-    spec = get_spec(model)
+    spec = get_spec(model or settings.default_model())
     retriever = open_retriever(index, required=spec.backend == "retrieval" or (rag and index is not None)) if rag or spec.backend == "retrieval" else None
     if rag and retriever is None:
         typer.secho(f"note: no index at {settings.default_index_dir()}, so this answer is not grounded; "

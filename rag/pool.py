@@ -16,6 +16,8 @@ def base_key(spec) -> tuple | None:
     an adapter merged into its weights)."""
     if spec.backend == "retrieval" or spec.merge_adapter:
         return None
+    if spec.backend == "llamacpp" and spec.adapter:  # llama.cpp applies an adapter when it loads the model
+        return None
     return tuple(getattr(spec, f) for f in SHARED_FIELDS)
 
 

@@ -9,12 +9,11 @@ from typing import Optional
 import typer
 
 from aimlqa.options import mode_option
-from aimlqa.settings import BASE_MODEL, DEFAULT_MODEL
 
 
 def serve(
-    model: list[str] = typer.Option([DEFAULT_MODEL, BASE_MODEL], "--model", "-m",
-                                    help="A registered model to serve (repeat for several; the first is the default). Models on one base share its weights"),
+    model: Optional[list[str]] = typer.Option(None, "--model", "-m", show_default="gemma-270m-aiml-cpp (llama.cpp), gemma-270m-aiml, gemma-270m",
+                                              help="A registered model to serve (repeat for several; the first is the default). Models on one base share its weights"),
     index: Optional[Path] = typer.Option(None, help="Index dir (default: $AIMLQA_HOME/indexes/course); without one, answers are not grounded"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(8000, help="Port to listen on"),
@@ -37,7 +36,7 @@ def serve(
     from server.config import ServerConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    specs = [get_spec(name) for name in dict.fromkeys(model)]  # unknown names fail here, before anything loads
+    specs = [get_spec(name) for name in dict.fromkeys(model or settings.default_models())]  # unknown names fail here, before anything loads
     needs_index = index is not None or any(s.backend == "retrieval" for s in specs)
     index_dir = index or settings.default_index_dir()
     if needs_index and not (index_dir / "manifest.json").is_file():

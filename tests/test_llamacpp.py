@@ -95,3 +95,18 @@ def test_an_exported_lora_adapter_changes_the_answer_and_a_zero_one_does_not(tin
     with pytest.raises(UserError, match="no llama.cpp counterpart"):
         export_lora({"base_model.model.lm_head.lora_A.weight": np.zeros((4, 8), np.float32)}, {"r": 4, "lora_alpha": 8}, tmp_path / "head.gguf")
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left behind
+
+
+def test_the_default_is_llamacpp_when_it_is_built_and_transformers_otherwise(monkeypatch):
+    import importlib.util
+
+    from aimlqa import settings
+    from rag.registry import get_spec
+
+    assert settings.default_model() == "gemma-270m-aiml-cpp" and get_spec(settings.default_model()).backend == "llamacpp"
+    assert settings.default_models() == ["gemma-270m-aiml-cpp", "gemma-270m-aiml", "gemma-270m"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert settings.default_model() == "gemma-270m-aiml" and settings.default_models() == ["gemma-270m-aiml", "gemma-270m"]
+    # the same adapter on both back ends
+    assert get_spec("gemma-270m-aiml-cpp").adapter == get_spec("gemma-270m-aiml").adapter
