@@ -62,6 +62,24 @@ def test_llamacpp_answers_streams_and_counts_like_the_other_back_ends(tiny_gguf,
     assert answer.prompt_tokens > gen.count_tokens(answer.sources[0].text)  # the passage is in the prompt
 
 
+def test_greedy_prompts_of_a_batch_are_decoded_together_and_stream(tiny_gguf):
+    from rag.generators import load_generator
+
+    gen = load_generator(spec(tiny_gguf))
+    prompts = [PROMPT, "Question: What is a kernel?\nAnswer:", "Question: How big is the output?\nAnswer:"]
+    config = GenerationConfig(max_new_tokens=6)
+    alone = [gen.generate([p], config)[0] for p in prompts]  # one prompt: llama.cpp's own completion
+    seen = [[] for _ in prompts]
+    together = gen.generate(prompts, config, sinks=[s.append for s in seen])
+    assert gen._batched is not None and gen._batched.n_seq >= len(prompts)  # the batched context was used
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert [g.completion_tokens for g in together] == [g.completion_tokens for g in alone]
+    assert all(s and s[-1] == g.text for s, g in zip(seen, together))
+    # sampling is not batched: one prompt after another, each with llama.cpp's sampler
+    sampled = gen.generate(prompts, GenerationConfig(max_new_tokens=4, temperature=0.7, seed=1))
+    assert len(sampled) == 3 and all(g.completion_tokens <= 4 for g in sampled)
+
+
 def test_a_missing_gguf_or_back_end_says_what_to_do(tmp_path, monkeypatch):
     from rag.generators import load_generator
 

@@ -4,8 +4,8 @@ every byte of it per token; this reads a quarter of that.
 
 What it cannot do, it says (the registry's `backend: llamacpp` entries): beam search, and
 batches mixing adapters. A model's adapter is exported once to a GGUF LoRA file
-(`rag.gguf_lora`) and applied by llama.cpp at load time. Prompts of one batch are decoded one after
-another on one model: llama.cpp's own threads use every core already.
+(`rag.gguf_lora`) and applied by llama.cpp at load time. The greedy prompts of a batch are decoded
+together (`BatchDecoder`, a sequence each); sampled ones one after another.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from aimlqa.settings import UserError
 from rag.generators.base import Generation, GenerationConfig
 
 ALTERNATIVE = "use a transformers model instead (e.g. -m gemma-270m-aiml)"
+BATCH_SEQUENCES = 8  # sequences the batched context holds (the server's default max batch size)
 
 
 def require_llamacpp():
@@ -44,7 +45,9 @@ class LlamaCppGenerator:
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs each adapted tensor from C, whatever `verbose` says
             self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=spec.context_window, n_threads=n_threads or os.cpu_count(),
                                        n_batch=512, lora_path=lora, seed=0, verbose=False)
-        self._lock = threading.Lock()  # one decoding sequence at a time on this model
+        self._lock = threading.Lock()  # one generate call at a time on this model
+        self._threads = n_threads or os.cpu_count()
+        self._batched: BatchDecoder | None = None
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
@@ -55,7 +58,19 @@ class LlamaCppGenerator:
                             f"use num_beams 1, or {ALTERNATIVE}")
         sinks = sinks or [None] * len(prompts)
         with self._lock:
+            if len(prompts) > 1 and config.greedy and config.repetition_penalty == 1.0:
+                return self._together(prompts, config, sinks)
             return [self._one(p, config, sink) for p, sink in zip(prompts, sinks)]
+
+    def _together(self, prompts: list[str], config: GenerationConfig, sinks: list) -> list[Generation]:
+        """Greedy prompts decoded as one batch (`BatchDecoder`); sampling goes one prompt at a time."""
+        if self._batched is None or self._batched.n_seq < len(prompts):
+            if self._batched is not None:
+                self._batched.close()
+            self._batched = BatchDecoder(self.llm, max(len(prompts), BATCH_SEQUENCES), self.context_window, self._threads)
+        tokens = [self.llm.tokenize(p.encode("utf-8"), add_bos=True, special=True) for p in prompts]
+        done = self._batched.generate(tokens, config.max_new_tokens, config.stop, sinks)
+        return [Generation(text, len(t), n, finish) for (text, n, finish), t in zip(done, tokens)]
 
     def _one(self, prompt: str, config: GenerationConfig, sink) -> Generation:
         kw = dict(max_tokens=config.max_new_tokens, stop=list(config.stop) or None, repeat_penalty=config.repetition_penalty, seed=config.seed)
@@ -77,3 +92,90 @@ class LlamaCppGenerator:
 
 def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
+
+
+class BatchDecoder:
+    """Greedy decoding of several prompts at once on one llama.cpp context with a sequence per prompt:
+    each step decodes one token of every unfinished sequence in a single `llama_decode`, so the
+    weights are read once per step for the whole batch, as transformers' batches do. Prompts are
+    prefilled together too (chunks of `n_batch` tokens). The model's LoRA adapter, if any, is set on
+    this context as on the model's own."""
+
+    def __init__(self, llm, n_seq: int, n_ctx_seq: int, n_threads: int):
+        import ctypes
+
+        import llama_cpp as L
+
+        self.L, self.llm, self.n_seq = L, llm, n_seq
+        params = L.llama_context_default_params()
+        params.n_ctx = n_seq * n_ctx_seq
+        params.n_seq_max = n_seq
+        params.n_batch = params.n_ubatch = 512
+        params.n_threads = params.n_threads_batch = n_threads
+        params.kv_unified = True
+        self.ctx = L.llama_init_from_model(llm._model.model, params)
+        if not self.ctx:
+            raise UserError("llama.cpp could not create a batched context; lower the batch size")
+        if llm._lora_adapter is not None:
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(llm._lora_adapter)
+            L.llama_set_adapters_lora(self.ctx, adapters, 1, (ctypes.c_float * 1)(llm.lora_scale))
+        self.vocab = llm.n_vocab()
+        self._vocab = L.llama_model_get_vocab(llm._model.model)
+        self.batch = L.llama_batch_init(512, 0, n_seq)
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
+        """items: (token, position, sequence, wants logits), at most n_batch of them."""
+        b = self.batch
+        b.n_tokens = len(items)
+        for i, (tok, pos, seq, logits) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        if self.L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, i: int) -> int:
+        import numpy as np
+
+        return int(np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,)).argmax())
+
+    def generate(self, prompts: list[list[int]], max_new: int, stop: tuple[str, ...], sinks: list) -> list[tuple[str, int, str]]:
+        """(text, completion tokens, finish reason) per prompt."""
+        from rag.generators.base import cut_at_stop
+
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        # prefill: every prompt's tokens, each prompt's last one asking for logits
+        pending = [(t, p, s, p == len(toks) - 1) for s, toks in enumerate(prompts) for p, t in enumerate(toks)]
+        last_out: dict[int, int] = {}
+        for start in range(0, len(pending), 512):
+            chunk = pending[start : start + 512]
+            self._decode(chunk)
+            last_out |= {s: i for i, (_, _, s, want) in enumerate(chunk) if want}
+        nxt = {s: self._argmax(i) for s, i in last_out.items()}
+        out: list[list[int]] = [[] for _ in prompts]
+        texts, finish = [""] * len(prompts), [None] * len(prompts)
+        active = list(range(len(prompts)))
+        while active:
+            for s in list(active):
+                tok = nxt[s]
+                if self.L.llama_vocab_is_eog(self._vocab, tok):  # end of generation: EOS, end of turn
+                    finish[s] = "stop"
+                    active.remove(s)
+                    continue
+                out[s].append(tok)
+                text = self.llm.detokenize(out[s]).decode("utf-8", errors="ignore")
+                text, stopped = cut_at_stop(text, stop)
+                texts[s] = text
+                if sinks[s] is not None:
+                    sinks[s](text)
+                if stopped or len(out[s]) >= max_new:
+                    finish[s] = "stop" if stopped else "length"
+                    active.remove(s)
+            if not active:
+                break
+            self._decode([(nxt[s], len(prompts[s]) + len(out[s]) - 1, s, True) for s in active])
+            nxt = {s: self._argmax(i) for i, s in enumerate(active)}
+        return [(texts[s], len(out[s]), finish[s]) for s in range(len(prompts))]
