@@ -23,7 +23,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def spec(path, **over) -> ModelSpec:
-    return ModelSpec(name="tiny-cpp", family="gemma3", base=str(path), backend="llamacpp", context_window=256, max_new_tokens=8, **over)
+    return ModelSpec(**dict(name="tiny-cpp", family="gemma3", base=str(path), backend="llamacpp", context_window=256, max_new_tokens=8) | over)
 
 
 def lora_tensors(rank: int, scale: float, seed: int = 0) -> dict:
@@ -75,6 +75,13 @@ def test_greedy_prompts_of_a_batch_are_decoded_together_and_stream(tiny_gguf):
     assert [g.text for g in together] == [g.text for g in alone]
     assert [g.completion_tokens for g in together] == [g.completion_tokens for g in alone]
     assert all(s and s[-1] == g.text for s, g in zip(seen, together))
+    # prompts longer together than one prefill chunk (512 tokens): each still gets its own answer
+    long = [p * 6 for p in prompts]
+    wide = load_generator(spec(tiny_gguf, context_window=512))
+    assert sum(wide.count_tokens(p) for p in long) > 512
+    first = GenerationConfig(max_new_tokens=1)  # the first token depends on the prefill alone
+    assert [g.text for g in wide.generate(long, first)] == [wide.generate([p], first)[0].text for p in long]
+    assert all(g.completion_tokens > 0 for g in wide.generate(long, config))
     # sampling is not batched: one prompt after another, each with llama.cpp's sampler
     sampled = gen.generate(prompts, GenerationConfig(max_new_tokens=4, temperature=0.7, seed=1))
     assert len(sampled) == 3 and all(g.completion_tokens <= 4 for g in sampled)

@@ -149,12 +149,11 @@ class BatchDecoder:
         self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
         # prefill: every prompt's tokens, each prompt's last one asking for logits
         pending = [(t, p, s, p == len(toks) - 1) for s, toks in enumerate(prompts) for p, t in enumerate(toks)]
-        last_out: dict[int, int] = {}
+        nxt: dict[int, int] = {}
         for start in range(0, len(pending), 512):
             chunk = pending[start : start + 512]
-            self._decode(chunk)
-            last_out |= {s: i for i, (_, _, s, want) in enumerate(chunk) if want}
-        nxt = {s: self._argmax(i) for s, i in last_out.items()}
+            self._decode(chunk)  # its logits are gone at the next decode: read them now
+            nxt |= {s: self._argmax(i) for i, (_, _, s, want) in enumerate(chunk) if want}
         out: list[list[int]] = [[] for _ in prompts]
         texts, finish = [""] * len(prompts), [None] * len(prompts)
         active = list(range(len(prompts)))
