@@ -447,7 +447,7 @@ def test_the_page_lists_an_adapter_loaded_live_and_drops_it_when_unloaded(browse
 
     app = create_app(pool(tiny, retriever), config=ServerConfig(api_keys=frozenset(), adapters_root=root))
     with live(app) as url:
-        wait = WebDriverWait(browser, 20)
+        wait = WebDriverWait(browser, 60)  # a loaded CI machine answers slowly; the poll itself is timed below
         browser.get(url + "/")
         wait.until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded") == "true")
         options = lambda: [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options]
