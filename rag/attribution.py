@@ -196,8 +196,10 @@ class Attributor:
         texts = [a[s:e] for a, sp in zip(answers, spans) for s, e in sp]
         s_vecs = iter(self.embedder.encode(texts) if texts else [])
         out = []
-        for relevance, answer, sp, ps in zip(self.relevance(questions, passages), answers, spans, passages):
-            pv = self._passage_vectors(ps) if ps else None
+        q_vecs = self.embedder.encode_queries(questions) if questions else []
+        for q, answer, sp, ps in zip(q_vecs, answers, spans, passages):
+            pv = self._passage_vectors(ps) if ps else None  # once per answer: relevance and every sentence use them
+            relevance = float((pv @ q).max()) if ps else 0.0
             sentences = []
             for s, e in sp:
                 v, text = next(s_vecs), answer[s:e]

@@ -40,13 +40,11 @@ class LlamaCppGenerator:
         self.context_window = spec.context_window
         model = gguf_file(spec.base)
         lora = str(adapter_gguf(spec.adapter, spec.base)) if spec.adapter else None
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        with suppress_stdout_stderr(disable=False):  # llama.cpp logs each adapted tensor from C, whatever `verbose` says
-            self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=spec.context_window, n_threads=n_threads or os.cpu_count(),
+        self._threads = n_threads or os.cpu_count()
+        with llama_cpp._utils.suppress_stdout_stderr(disable=False):  # llama.cpp logs each adapted tensor from C, whatever `verbose` says
+            self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=spec.context_window, n_threads=self._threads,
                                        n_batch=512, lora_path=lora, seed=0, verbose=False)
         self._lock = threading.Lock()  # one generate call at a time on this model
-        self._threads = n_threads or os.cpu_count()
         self._batched: BatchDecoder | None = None
 
     def count_tokens(self, text: str) -> int:
