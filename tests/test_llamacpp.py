@@ -4,6 +4,8 @@ exported to GGUF (llama.cpp itself checks every tensor's name and shape when it 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -68,7 +70,7 @@ def test_greedy_prompts_of_a_batch_are_decoded_together_and_stream(tiny_gguf):
     gen = load_generator(spec(tiny_gguf))
     prompts = [PROMPT, "Question: What is a kernel?\nAnswer:", "Question: How big is the output?\nAnswer:"]
     config = GenerationConfig(max_new_tokens=6)
-    alone = [gen.generate([p], config)[0] for p in prompts]  # one prompt: llama.cpp's own completion
+    alone = [gen._one(p, config, None) for p in prompts]  # llama.cpp's own completion loop, one prompt at a time
     seen = [[] for _ in prompts]
     together = gen.generate(prompts, config, sinks=[s.append for s in seen])
     assert gen._batched is not None and gen._batched.n_seq >= len(prompts)  # the batched context was used
@@ -80,7 +82,7 @@ def test_greedy_prompts_of_a_batch_are_decoded_together_and_stream(tiny_gguf):
     wide = load_generator(spec(tiny_gguf, context_window=512))
     assert sum(wide.count_tokens(p) for p in long) > 512
     first = GenerationConfig(max_new_tokens=1)  # the first token depends on the prefill alone
-    assert [g.text for g in wide.generate(long, first)] == [wide.generate([p], first)[0].text for p in long]
+    assert [g.text for g in wide.generate(long, first)] == [wide._one(p, first, None).text for p in long]
     assert all(g.completion_tokens > 0 for g in wide.generate(long, config))
     # sampling is not batched: one prompt after another, each with llama.cpp's sampler
     sampled = gen.generate(prompts, GenerationConfig(max_new_tokens=4, temperature=0.7, seed=1))
@@ -120,6 +122,46 @@ def test_an_exported_lora_adapter_changes_the_answer_and_a_zero_one_does_not(tin
     with pytest.raises(UserError, match="no llama.cpp counterpart"):
         export_lora({"base_model.model.lm_head.lora_A.weight": np.zeros((4, 8), np.float32)}, {"r": 4, "lora_alpha": 8}, tmp_path / "head.gguf")
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written file left behind
+
+
+def test_a_shipped_adapter_records_its_export_and_a_changed_one_is_refused(tiny_gguf, tmp_path, monkeypatch):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from rag.gguf_lora import adapter_gguf, record_export
+
+    monkeypatch.setenv("AIMLQA_HOME", str(tmp_path / "home"))
+    root = tmp_path / "tiny-aiml"
+    (root / "adapter").mkdir(parents=True)
+    save_file(lora_tensors(4, 1.0), str(root / "adapter" / "adapter_model.safetensors"))
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    (root / "manifest.json").write_text(json.dumps({"base": str(tiny_gguf), "recipe": {"model": "gemma-270m"}, "files": {}}))
+    record = record_export(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["exports"]["llamacpp"] == record and manifest["files"] == {}  # added, nothing else touched
+    assert record["tensors"] == 2 * 7 * LAYERS and record["alpha"] == 8.0 and record["file_bytes"] > 0
+    exported = adapter_gguf(root / "adapter", str(tiny_gguf))
+    assert llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=64, lora_path=str(exported), verbose=False)  # llama.cpp takes it
+    # the adapter's weights changed after it was recorded: its export no longer matches; refused
+    save_file(lora_tensors(4, 2.0), str(root / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="differs from the one its manifest records.*python -m rag.gguf_lora"):
+        adapter_gguf(root / "adapter", str(tiny_gguf))
+
+
+def test_a_model_requantised_to_q8_0_loads_and_answers(tiny_gguf, tmp_path):
+    import shutil
+
+    from rag.gguf_lora import requantized
+    from rag.generators.llamacpp import LlamaCppGenerator
+
+    model = Path(shutil.copy(tiny_gguf, tmp_path / "tiny.gguf"))
+    q8 = requantized(model, "Q8_0")
+    assert q8.is_file() and q8 != model and requantized(model, "Q8_0") == q8  # built once
+    assert q8.stat().st_size < model.stat().st_size  # float32 layers became 8-bit
+    assert LlamaCppGenerator(spec(q8)).generate([PROMPT], GenerationConfig(max_new_tokens=4))[0].completion_tokens > 0
+    with pytest.raises(UserError, match="unknown quantization 'Q3'"):
+        requantized(model, "Q3")
 
 
 def test_the_default_is_llamacpp_when_it_is_built_and_transformers_otherwise(monkeypatch):

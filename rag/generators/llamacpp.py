@@ -5,7 +5,8 @@ every byte of it per token; this reads a quarter of that.
 What it cannot do, it says (the registry's `backend: llamacpp` entries): beam search, and
 batches mixing adapters. A model's adapter is exported once to a GGUF LoRA file
 (`rag.gguf_lora`) and applied by llama.cpp at load time. The greedy prompts of a batch are decoded
-together (`BatchDecoder`, a sequence each); sampled ones one after another.
+together (`BatchDecoder`, a sequence each); sampled ones, and those with a repetition penalty, one
+after another through llama-cpp-python's own loop.
 """
 
 from __future__ import annotations
@@ -15,31 +16,20 @@ import threading
 
 from aimlqa.settings import UserError
 from rag.generators.base import Generation, GenerationConfig
+from rag.gguf_lora import ALTERNATIVE, adapter_gguf, gguf_file, require_llamacpp
 
-ALTERNATIVE = "use a transformers model instead (e.g. -m gemma-270m-aiml)"
 BATCH_SEQUENCES = 8  # sequences the batched context holds (the server's default max batch size)
-
-
-def require_llamacpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UserError("the llama.cpp back end needs llama-cpp-python (`make install` builds it, "
-                        f"or `pip install -e '.[llamacpp]'`); {ALTERNATIVE}") from None
-    return llama_cpp
 
 
 class LlamaCppGenerator:
     streams = True
 
     def __init__(self, spec, n_threads: int | None = None):
-        from rag.gguf_lora import adapter_gguf, gguf_file
-
         llama_cpp = require_llamacpp()
         self.spec = spec
         self.context_window = spec.context_window
         model = gguf_file(spec.base)
-        lora = str(adapter_gguf(spec.adapter, spec.base)) if spec.adapter else None
+        lora = str(adapter_gguf(spec.adapter, spec.base, spec.family)) if spec.adapter else None
         self._threads = n_threads or os.cpu_count()
         with llama_cpp._utils.suppress_stdout_stderr(disable=False):  # llama.cpp logs each adapted tensor from C, whatever `verbose` says
             self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=spec.context_window, n_threads=self._threads,
@@ -56,12 +46,13 @@ class LlamaCppGenerator:
                             f"use num_beams 1, or {ALTERNATIVE}")
         sinks = sinks or [None] * len(prompts)
         with self._lock:
-            if len(prompts) > 1 and config.greedy and config.repetition_penalty == 1.0:
+            if config.greedy and config.repetition_penalty == 1.0:
                 return self._together(prompts, config, sinks)
             return [self._one(p, config, sink) for p, sink in zip(prompts, sinks)]
 
     def _together(self, prompts: list[str], config: GenerationConfig, sinks: list) -> list[Generation]:
-        """Greedy prompts decoded as one batch (`BatchDecoder`); sampling goes one prompt at a time."""
+        """Greedy prompts decoded as one batch (`BatchDecoder`), a single one too: its loop is leaner than
+        `create_completion`'s (73 against 66 tokens/s here); sampling goes one prompt at a time."""
         if self._batched is None or self._batched.n_seq < len(prompts):
             if self._batched is not None:
                 self._batched.close()
