@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch on disk, before anything that would pull a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,scale]'
 	# llama.cpp's binding, built from source (about 5 min on 2 cores, once: pip caches the wheel); the
 	# rest works without it, so a failed build is a note, not a stop
 	$(PY) -m pip install -q -e '.[llamacpp]' || echo "note: llama-cpp-python did not build; the llama.cpp models (-m gemma-270m-aiml-cpp) are unavailable"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from aimlqa import settings
 from aimlqa.settings import UserError
-from rag.embedded import GGUF_PREFIX, built_once, cache_root, packaged_gguf
+from aimlqa.files import built_once
+from rag.embedded import GGUF_PREFIX, cache_root, packaged_gguf
 
 # peft module name -> llama.cpp tensor name, for the decoder layers of the families exported here
 _TENSORS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -49,6 +50,12 @@ def gguf_file(base: str) -> Path:
         raise UserError(f"the llama.cpp back end needs a GGUF model file; {base!r} is not one "
                         "(use gguf:<package> or a path to a .gguf file in the registry's base)")
     return path
+
+
+def model_file(spec) -> Path:
+    """The GGUF file llama.cpp serves for a registry entry: its base, re-quantised if it asks."""
+    path = gguf_file(spec.base)
+    return requantized(path, spec.quantize) if spec.quantize else path
 
 
 def adapter_gguf(adapter: str | Path, base: str, family: str = "gemma3") -> Path:
@@ -162,7 +169,7 @@ QUANTIZATIONS = {"Q8_0": 7, "Q4_K_M": 15}  # llama.cpp's llama_ftype values
 
 
 def requantized(model: Path, quantization: str) -> Path:
-    """`model` re-quantised by llama.cpp (cached beside it). From an already quantised file this changes
+    """`model` re-quantised by llama.cpp (cached under $AIMLQA_HOME/models/gguf). From an already quantised file this changes
     how the weights are stored and read, not what they are: a speed measurement, not a quality one."""
     if quantization not in QUANTIZATIONS:
         raise UserError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
@@ -176,7 +183,8 @@ def requantized(model: Path, quantization: str) -> Path:
             raise UserError(f"llama.cpp could not quantize {model} to {quantization}")
         return out
 
-    return built_once(model.with_name(f"{model.stem}-{quantization.lower()}.gguf"), quantize)
+    tag = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
+    return built_once(cache_root() / "gguf" / f"{model.stem}-{tag}-{quantization.lower()}.gguf", quantize)
 
 
 def main(argv: list[str]) -> None:

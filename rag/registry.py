@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from aimlqa import settings
 from aimlqa.settings import UserError, read_yaml_mapping, validation_message
@@ -37,7 +37,17 @@ class ModelSpec(BaseModel):
     repetition_penalty: float = Field(1.0, ge=1.0, le=2.0)
     num_beams: int = Field(1, ge=1, le=16)  # beam search when > 1 (greedy only)
     prefill_chunk: int = Field(128, ge=0)  # prompt tokens per forward pass (causal models); 0: one pass
+    quantize: Literal["Q8_0", "Q4_K_M"] | None = None  # llama.cpp: re-quantise the GGUF once at first load (None: as packaged)
+    tensor_parallel_size: int = Field(1, ge=1, le=8)  # vLLM: GPUs one replica splits the model over (Ray runs the workers)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self):
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs backend: vllm (the {self.backend} back end runs on one device)")
+        if self.quantize and self.backend != "llamacpp":
+            raise ValueError(f"quantize {self.quantize} is for backend: llamacpp (it re-quantises a GGUF file)")
+        return self
 
     @property
     def seq2seq(self) -> bool:

@@ -122,7 +122,7 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request):
             responses=documented(401, 404, 503))
 async def section(section_id: str, request: Request):
     """The whole text of a cited section (a source's `section_id`), so a citation can be checked."""
-    return service_of(request).section(section_id)
+    return await service_of(request).section(section_id)
 
 
 @router.post("/v1/answer", response_model=AnswerResponse, dependencies=[Depends(require_key)], responses=ERRORS)
@@ -161,11 +161,12 @@ async def root(request: Request):
 
 
 def create_app(answerers: dict | None = None, *, loader: Loader | None = None, config: ServerConfig | None = None,
-               on_load_error: Callable[[str], None] | None = None) -> FastAPI:
-    """An app serving `answerers` ({name: Answerer}), or those `loader` builds in the background."""
+               on_load_error: Callable[[str], None] | None = None, service=None) -> FastAPI:
+    """An app serving `answerers` ({name: Answerer}), or those `loader` builds in the background, or
+    those a given `service` reaches (on Ray Serve: `server.scale.RemoteService`)."""
     config = config or ServerConfig()
     metrics = Metrics()
-    service = Service(config, metrics, answerers, loader, on_load_error)
+    service = service or Service(config, metrics, answerers, loader, on_load_error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -62,6 +62,10 @@ class Batcher:
     def depth(self) -> int:
         return sum(1 for j in self._waiting if not j.future.done())
 
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 

@@ -25,6 +25,12 @@ def serve(
     max_question_tokens: int = typer.Option(512, min=1, help="Longest question, in the model's tokens"),
     adapters_dir: Optional[Path] = typer.Option(None, help="Where POST /v1/load_lora_adapter may load adapters from (default: $AIMLQA_HOME/finetuned)"),
     log_level: str = typer.Option("info", help="debug | info | warning | error"),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: the same app as the ingress, each model group a replicated deployment (needs .[scale])"),
+    replicas: int = typer.Option(1, min=1, help="--ray: replicas of each model group"),
+    autoscale: Optional[str] = typer.Option(None, metavar="MIN:MAX", help="--ray: autoscale each model group between MIN and MAX replicas instead"),
+    cpus_per_replica: float = typer.Option(1.0, min=0.1, help="--ray: CPUs each model replica reserves (a vLLM replica also takes its tensor_parallel_size GPUs)"),
+    index_url: Optional[str] = typer.Option(None, help="--ray: a packed index (.tar.gz) every replica fetches once (http(s)://, file://), instead of --index on shared storage"),
+    ray_address: Optional[str] = typer.Option(None, help="--ray: a running Ray cluster (ray://host:10001 or auto); default: start one on this machine"),
 ):
     """Serve answers over REST (and an OpenAI-compatible endpoint, and a web page). API keys: AIMLQA_API_KEYS=k1,k2."""
     import uvicorn
@@ -59,6 +65,9 @@ def serve(
         failure.append(message)
         server.should_exit = True
 
+    if ray:
+        return serve_on_ray(specs, config, index=index_url or (str(index_dir) if needs_index or (index_dir / "manifest.json").is_file() else None),
+                            mode=mode, host=host, port=port, replicas=replicas, autoscale=autoscale, cpus=cpus_per_replica, address=ray_address)
     app = create_app(loader=load, config=config, on_load_error=stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     keys = "on" if config.api_keys else "off"
@@ -66,6 +75,26 @@ def serve(
     server.run()
     if failure:
         raise UserError(f"the models failed to load: {failure[0]}")
+
+
+def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale, cpus, address) -> None:
+    from aimlqa.settings import UserError
+    from index.fetch import materialize
+    from index.retriever import Retriever
+    from server import scale
+
+    scaling = None
+    if autoscale:
+        try:
+            low, high = (int(x) for x in autoscale.split(":"))
+            scaling = scale.Autoscaling(min_replicas=low, max_replicas=high)
+        except ValueError as e:
+            raise UserError(f"--autoscale {autoscale!r}: give MIN:MAX replicas, e.g. 1:4 ({e})") from None
+    pinned = Retriever.load(materialize(index)).manifest_hash if index else None  # every replica must serve this one
+    plan = scale.plan_for(specs, replicas=replicas, autoscaling=scaling, num_cpus=cpus, index=index, index_hash=pinned, mode=mode)
+    groups = "; ".join(f"{g.name}: {', '.join(g.models)} x {g.autoscaling or g.replicas}" for g in plan.groups)
+    typer.echo(f"serving on Ray Serve at http://{host}:{port} ({groups}; index {pinned or 'none'}); Ctrl-C stops", err=True)
+    scale.run(plan, config, host, port, address)
 
 
 def register(app: typer.Typer) -> None:

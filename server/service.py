@@ -157,7 +157,7 @@ class Service:
             raise ApiError(404, f"unknown model {name!r}; this server serves: {', '.join(self.answerers)}", "model_not_found")
         return name, self.answerers[name]
 
-    def section(self, section_id: str) -> dict:
+    async def section(self, section_id: str) -> dict:
         """A cited section's text, from the served index: what a citation's link opens."""
         self.require_ready()
         retriever = next((a.retriever for a in self.answerers.values() if a.retriever is not None), None)

@@ -159,9 +159,13 @@ def test_a_model_requantised_to_q8_0_loads_and_answers(tiny_gguf, tmp_path):
     q8 = requantized(model, "Q8_0")
     assert q8.is_file() and q8 != model and requantized(model, "Q8_0") == q8  # built once
     assert q8.stat().st_size < model.stat().st_size  # float32 layers became 8-bit
-    assert LlamaCppGenerator(spec(q8)).generate([PROMPT], GenerationConfig(max_new_tokens=4))[0].completion_tokens > 0
+    # a registry entry asks for it with `quantize`: the generator serves the re-quantised file
+    served = LlamaCppGenerator(spec(model, quantize="Q8_0"))
+    assert served.llm.model_path == str(q8) and served.generate([PROMPT], GenerationConfig(max_new_tokens=4))[0].completion_tokens > 0
     with pytest.raises(UserError, match="unknown quantization 'Q3'"):
         requantized(model, "Q3")
+    with pytest.raises(ValueError, match="quantize Q8_0 is for backend: llamacpp"):
+        spec(model, quantize="Q8_0", backend="transformers")
 
 
 def test_the_default_is_llamacpp_when_it_is_built_and_transformers_otherwise(monkeypatch):

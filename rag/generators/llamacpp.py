@@ -1,6 +1,7 @@
-"""llama.cpp back end: the packaged GGUF served as it is (4-bit weights, read by llama.cpp's own CPU
-kernels), through llama-cpp-python. transformers de-quantises the same file to bf16 and reads
-every byte of it per token; this reads a quarter of that.
+"""llama.cpp back end: the packaged GGUF served by llama.cpp's own CPU kernels through
+llama-cpp-python, as packaged (Q4_K_M) or re-quantised once (`quantize: Q8_0` in the registry:
+on this 2-core CPU the 8-bit kernels decode faster than the 4-bit ones, bench/results/llamacpp.json).
+transformers de-quantises the same file to bf16 and reads twice the bytes per token.
 
 What it cannot do, it says (the registry's `backend: llamacpp` entries): beam search, and
 batches mixing adapters. A model's adapter is exported once to a GGUF LoRA file
@@ -16,7 +17,7 @@ import threading
 
 from aimlqa.settings import UserError
 from rag.generators.base import Generation, GenerationConfig
-from rag.gguf_lora import ALTERNATIVE, adapter_gguf, gguf_file, require_llamacpp
+from rag.gguf_lora import ALTERNATIVE, adapter_gguf, model_file, require_llamacpp
 
 BATCH_SEQUENCES = 8  # sequences the batched context holds (the server's default max batch size)
 
@@ -28,7 +29,7 @@ class LlamaCppGenerator:
         llama_cpp = require_llamacpp()
         self.spec = spec
         self.context_window = spec.context_window
-        model = gguf_file(spec.base)
+        model = model_file(spec)
         lora = str(adapter_gguf(spec.adapter, spec.base, spec.family)) if spec.adapter else None
         self._threads = n_threads or os.cpu_count()
         with llama_cpp._utils.suppress_stdout_stderr(disable=False):  # llama.cpp logs each adapted tensor from C, whatever `verbose` says

@@ -32,9 +32,11 @@ class VLLMGenerator:
         self.spec = spec
         self._vllm = vllm
         kwargs = dict(model=resolve_base(spec.base), max_model_len=spec.context_window, gpu_memory_utilization=gpu_memory_utilization,
-                      enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras)
+                      enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras, dtype=spec.dtype)
         if spec.load_in_4bit:
             kwargs.update(quantization="bitsandbytes")
+        if spec.tensor_parallel_size > 1:  # one worker per GPU, run by Ray (inside a Serve replica: its placement group)
+            kwargs.update(tensor_parallel_size=spec.tensor_parallel_size, distributed_executor_backend="ray")
         self.llm = vllm.LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.context_window = spec.context_window
