@@ -37,6 +37,11 @@ def default_models() -> list[str]:
     return list(dict.fromkeys([default_model(), TRANSFORMERS_MODEL, BASE_MODEL]))
 
 
+def threads() -> int:
+    """CPU threads a model may use: all the machine's, or `AIMLQA_THREADS` (a Ray replica's share)."""
+    return int(os.environ.get("AIMLQA_THREADS") or 0) or os.cpu_count() or 1
+
+
 def home() -> Path:
     """Where converted models, indexes and fine-tuned adapters live (`AIMLQA_HOME`)."""
     return Path(os.environ.get("AIMLQA_HOME", Path.home() / ".cache" / "aimlqa")).expanduser()

@@ -86,7 +86,7 @@ async def healthz():
 async def readyz(request: Request):
     """Ready: every model and the index are loaded; 503 while loading or after a failed load."""
     service = service_of(request)
-    body = Ready(status=service.state, models=list(service.answerers), index=service.index_info(), error=service.load_error or None)
+    body = Ready(status=service.state, models=list(service.answerers), index=await service.index_info(), error=service.load_error or None)
     return JSONResponse(body.model_dump(), status_code=200 if service.state == "ready" else 503)
 
 

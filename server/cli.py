@@ -67,7 +67,8 @@ def serve(
 
     if ray:
         return serve_on_ray(specs, config, index=index_url or (str(index_dir) if needs_index or (index_dir / "manifest.json").is_file() else None),
-                            mode=mode, host=host, port=port, replicas=replicas, autoscale=autoscale, cpus=cpus_per_replica, address=ray_address)
+                            mode=mode, host=host, port=port, replicas=replicas, autoscale=autoscale, cpus=cpus_per_replica, address=ray_address,
+                            log_level=log_level)
     app = create_app(loader=load, config=config, on_load_error=stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     keys = "on" if config.api_keys else "off"
@@ -77,7 +78,7 @@ def serve(
         raise UserError(f"the models failed to load: {failure[0]}")
 
 
-def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale, cpus, address) -> None:
+def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale, cpus, address, log_level) -> None:
     from aimlqa.settings import UserError
     from index.fetch import materialize
     from index.retriever import Retriever
@@ -94,7 +95,7 @@ def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale,
     plan = scale.plan_for(specs, replicas=replicas, autoscaling=scaling, num_cpus=cpus, index=index, index_hash=pinned, mode=mode)
     groups = "; ".join(f"{g.name}: {', '.join(g.models)} x {g.autoscaling or g.replicas}" for g in plan.groups)
     typer.echo(f"serving on Ray Serve at http://{host}:{port} ({groups}; index {pinned or 'none'}); Ctrl-C stops", err=True)
-    scale.run(plan, config, host, port, address)
+    scale.run(plan, config, host, port, address, log_level=log_level)
 
 
 def register(app: typer.Typer) -> None:

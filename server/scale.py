@@ -62,6 +62,10 @@ class GroupPlan(BaseModel):
     num_gpus: int = Field(0, ge=0)  # per replica: the tensor-parallel group of a vLLM model
     backend: Literal["transformers", "llamacpp", "vllm", "retrieval"] = "transformers"
 
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.num_cpus))
+
     def deployment_options(self, config: ServerConfig) -> dict:
         """Ray Serve's options for this group: the same queue bound as one process (queue_size
         waiting, then 503 + Retry-After), and a replica that can fill a whole batch."""
@@ -133,12 +137,18 @@ class Failure:
 class ModelGroup:
     """A replica: the index and the Answerers of one group, behind the single-process `Service`."""
 
-    def __init__(self, models: list[str], index: str | None, index_hash: str | None, mode: str | None, config: ServerConfig):
+    def __init__(self, models: list[str], index: str | None, index_hash: str | None, mode: str | None, config: ServerConfig, threads: int = 1):
+        import os
+
+        import torch
+
         from rag.pool import load_answerers
         from rag.registry import get_spec
         from server.metrics import Metrics
         from server.service import Service, warm_up
 
+        os.environ["AIMLQA_THREADS"] = str(threads)  # this replica's CPUs, not the machine's: replicas share it
+        torch.set_num_threads(threads)
         specs = [get_spec(m) for m in models]
         retriever = open_index(index, index_hash, required=any(s.backend == "retrieval" for s in specs))
         answerers = load_answerers(specs, retriever, mode)
@@ -155,7 +165,7 @@ class ModelGroup:
     async def info(self) -> dict:
         service = await self._ready()
         return {"models": {n: a.spec for n, a in service.answerers.items()}, "adapters": {n: a.adapter for n, a in service.answerers.items()},
-                "index": service.index_info()}
+                "index": await service.index_info()}
 
     async def section(self, section_id: str):
         try:
@@ -227,7 +237,6 @@ class RemoteService:
         self.state, self.load_error = "loading", ""
         self.answerers: dict = {}
         self._handles: dict = {}  # model -> handle of its group
-        self._index: dict | None = None
         self._load_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -246,7 +255,6 @@ class RemoteService:
                     info = await handle.info.remote()
                     for name, spec in info["models"].items():
                         self.answerers[name], self._handles[name] = _Spec(spec, info["adapters"][name]), handle
-                    self._index = self._index or info["index"]
                 self.state = "ready"
             except Exception as exc:  # a group still starting: Serve answers once its replicas are up
                 log.info("waiting for the model deployments: %s", exc)
@@ -260,8 +268,11 @@ class RemoteService:
         if self.state != "ready":
             raise ApiError(503, "the model deployments are still starting; retry shortly", "loading", {"Retry-After": "5"})
 
-    def index_info(self) -> dict | None:
-        return self._index
+    async def index_info(self) -> dict | None:
+        """Asked of a replica each time: during a roll-over, the index that replica serves."""
+        if self.state != "ready":
+            return None
+        return (await self._call(next(iter(self._handles.values())).info))["index"]
 
     def _handle(self, model: str | None):
         self.require_ready()
@@ -322,10 +333,10 @@ def application(plan: ScalePlan, config: ServerConfig):
     serve = require_ray()
     from server.app import create_app
 
-    groups = [serve.deployment(ModelGroup, **g.deployment_options(config)).bind(g.models, plan.index, plan.index_hash, plan.mode, config)
+    groups = [serve.deployment(ModelGroup, **g.deployment_options(config)).bind(g.models, plan.index, plan.index_hash, plan.mode, config, g.threads)
               for g in plan.groups]
     ingress = serve.deployment(serve.ingress(lambda: create_app(service=RemoteService(plan, config), config=config))(_Ingress),
-                               name="ingress", num_replicas=plan.ingress_replicas, ray_actor_options={"num_cpus": 0.25},
+                               name="ingress", num_replicas=plan.ingress_replicas, ray_actor_options={"num_cpus": 0},  # like Serve's proxy: I/O
                                max_ongoing_requests=4 * (config.queue_size + config.max_batch_size))
     return ingress.bind(*groups)
 
@@ -335,8 +346,10 @@ class _Ingress:
         self.groups = groups  # bound so that Serve deploys them with the ingress; reached by name
 
 
-def run(plan: ScalePlan, config: ServerConfig, host: str, port: int, address: str | None = None, blocking: bool = True):
-    """Start (or join) a Ray cluster, deploy the plan, and serve until interrupted."""
+def run(plan: ScalePlan, config: ServerConfig, host: str, port: int, address: str | None = None, blocking: bool = True,
+        log_level: str = "warning"):
+    """Start (or join) a Ray cluster, deploy the plan (or roll the running one over to it), and serve
+    until interrupted."""
     serve = require_ray()
     import ray
 
@@ -344,7 +357,11 @@ def run(plan: ScalePlan, config: ServerConfig, host: str, port: int, address: st
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": _forwarded_env()})
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(plan, config), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(application(plan, config), name=APP_NAME, route_prefix="/", blocking=False,
+                  logging_config={"log_level": log_level.upper(), "enable_access_log": log_level.lower() in ("debug", "info")})
+    except RuntimeError as e:  # a replica's constructor failed (a missing model, the wrong index): Serve says which
+        raise UserError(f"the deployment failed: {e}") from None
     if blocking:
         try:
             while True:

@@ -171,7 +171,7 @@ class Service:
         first = chunks[0]
         return {"section_id": section_id, "source": first.source, "title": first.title, "section": first.section, "text": text.strip()}
 
-    def index_info(self) -> dict | None:
+    async def index_info(self) -> dict | None:
         for a in self.answerers.values():
             if a.retriever is not None:
                 r = a.retriever

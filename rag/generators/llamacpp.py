@@ -12,9 +12,9 @@ after another through llama-cpp-python's own loop.
 
 from __future__ import annotations
 
-import os
 import threading
 
+from aimlqa import settings
 from aimlqa.settings import UserError
 from rag.generators.base import Generation, GenerationConfig
 from rag.gguf_lora import ALTERNATIVE, adapter_gguf, model_file, require_llamacpp
@@ -31,7 +31,7 @@ class LlamaCppGenerator:
         self.context_window = spec.context_window
         model = model_file(spec)
         lora = str(adapter_gguf(spec.adapter, spec.base, spec.family)) if spec.adapter else None
-        self._threads = n_threads or os.cpu_count()
+        self._threads = n_threads or settings.threads()
         with llama_cpp._utils.suppress_stdout_stderr(disable=False):  # llama.cpp logs each adapted tensor from C, whatever `verbose` says
             self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=spec.context_window, n_threads=self._threads,
                                        n_batch=512, lora_path=lora, seed=0, verbose=False)
