@@ -43,6 +43,10 @@ bench: install
 	$(PY) bench/ablation.py --config bench/default.yaml --limit 100
 	$(PY) bench/adapters.py
 	$(PY) bench/streaming.py
+	$(PY) bench/citations.py
+	$(PY) bench/llamacpp.py
+	$(PY) bench/scale.py
+	$(PY) bench/index_scale.py
 	$(PY) bench/report.py
 
 clean:

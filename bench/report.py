@@ -63,17 +63,36 @@ def citations(d: dict) -> str:
 
 def llamacpp(d: dict) -> str:
     hf, cpp, q, c = d["decode"]["transformers"], d["decode"]["llamacpp"], d["quality"], d["concurrent"]
+    q4 = d["decode"]["llamacpp_q4_k_m"]
     t = d["targets"]
     today = cpp["short_prompt_decode_tokens_per_s"] / d["today_tokens_per_s"]
     mem = d["peak_memory"]
-    return (f"batch-1 decode {cpp['short_prompt_decode_tokens_per_s']:.1f} tokens/s, {today:.2f}x today's {d['today_tokens_per_s']} "
-            f"(target {t['decode_over_today']:g}x: {_verdict(today >= t['decode_over_today'])}); grounded prompts {cpp['decode_tokens_per_s']:.1f} "
-            f"against transformers' {hf['decode_tokens_per_s']:.1f} in the same run ({d['decode_speedup_same_run']:.2f}x), "
+    return (f"default (Q8_0): batch-1 decode {cpp['short_prompt_decode_tokens_per_s']:.1f} tokens/s, {today:.2f}x today's {d['today_tokens_per_s']} "
+            f"(target {t['decode_over_today']:g}x: {_verdict(today >= t['decode_over_today'])}), "
             f"{cpp['ratio_to_bound']:.2f} of its memory bound (target {t['ratio_to_bound']:g}: {_verdict(cpp['ratio_to_bound'] >= t['ratio_to_bound'])}); "
+            f"packaged Q4_K_M {q4['short_prompt_decode_tokens_per_s']:.1f} tokens/s, {q4['ratio_to_bound']:.2f} of its bound; grounded prompts "
+            f"{cpp['decode_tokens_per_s']:.1f} against transformers' {hf['decode_tokens_per_s']:.1f} in the same run ({d['decode_speedup_same_run']:.2f}x); "
             f"first token {cpp['ttft_s']:.2f} s against {hf['ttft_s']:.2f} s; 8 clients {c['llamacpp']['answers_per_s']:.2f} against "
             f"{c['transformers']['answers_per_s']:.2f} answers/s, {d['served_ratio']:.2f}x (target {t['served_ratio']:g}x: "
             f"{_verdict(d['served_ratio'] >= t['served_ratio'])}); ROUGE-L {_ci(q['llamacpp'])} against {_ci(q['transformers'])} "
             f"({_verdict(q['within_interval'])}); peak memory {mem['llamacpp']['peak_rss_mb']:.0f} against {mem['transformers']['peak_rss_mb']:.0f} MB")
+
+
+def scale(d: dict) -> str:
+    r16, r64, k, t = d["ratios"]["16_clients"], d["ratios"]["64_clients"], d["replica_killed"], d["targets"]
+    return (f"retrieval-only, {d['cores']} cores: 2 replicas over 1 {r16['serve_2_replicas_over_1']:.2f}x at 16 clients, "
+            f"{r64['serve_2_replicas_over_1']:.2f}x at 64 (target {t['two_over_one']:g}x: {_verdict(min(r16['serve_2_replicas_over_1'], r64['serve_2_replicas_over_1']) >= t['two_over_one'])}); "
+            f"Serve on the same cores over one process {r16['serve_1_replica_same_cores_over_one_process']:.2f} and "
+            f"{r64['serve_1_replica_same_cores_over_one_process']:.2f} (target {t['serve_over_one_process']:g}: "
+            f"{_verdict(min(r16['serve_1_replica_same_cores_over_one_process'], r64['serve_1_replica_same_cores_over_one_process']) >= t['serve_over_one_process'])}); "
+            f"a replica killed under load: {k['failed_after_retry']} of {k['requests']} failed after one retry "
+            f"({_verdict(k['failed_after_retry'] <= t['failed_after_retry'])}), p99 {k['p99_ms']:.0f} ms")
+
+
+def index_scale(d: dict) -> str:
+    pq, ivf = d["ivfpq"], d["ivf"]
+    return (f"{d['n']:,} vectors: IVF-PQ recall@10 {pq['recall@10']:.3f} of the exact top 10, {pq['memory_ratio_to_flat']:.3f}x flat's memory, "
+            f"{pq['p50_ms']:.2f} ms p50 a query against flat's {d['flat']['p50_ms']:.2f}; IVF recall@10 {ivf['recall@10']:.3f}, {ivf['p50_ms']:.2f} ms")
 
 
 def retrieval(d: dict) -> str:
@@ -128,6 +147,8 @@ ROWS = [
     ("streaming", "streaming.json", "bench/streaming.py", streaming),
     ("citations and abstention", "citations.json", "bench/citations.py", citations),
     ("llama.cpp back end", "llamacpp.json", "bench/llamacpp.py", llamacpp),
+    ("Ray Serve", "scale.json", "bench/scale.py", scale),
+    ("index at scale", "index_scale.json", "bench/index_scale.py", index_scale),
     ("retrieval", "retrieval.json", "bench/retrieval.py", retrieval),
     ("generation", "generation.json", "bench/generation.py", generation),
     ("fine-tuning", "finetune.json", "bench/finetune.py", finetune),

@@ -66,25 +66,26 @@ def bench_index() -> Path:
 
 
 @contextmanager
-def server(model: str, index: Path, max_batch_size: int, log_dir: Path):
-    """`aimlqa serve` in a subprocess on loopback; yields its URL once /readyz says ready."""
+def server(model: str, index: Path, max_batch_size: int, log_dir: Path, extra: tuple[str, ...] = (), name: str | None = None):
+    """`aimlqa serve` (with `extra` options) in a subprocess on loopback; yields its URL once /readyz says ready."""
     port = free_port()
-    log = (log_dir / f"{model}.log").open("w")
+    logfile = log_dir / f"{name or model}.log"
+    log = logfile.open("w")
     cmd = [sys.executable, "-m", "aimlqa", "serve", "--model", model, "--index", str(index), "--host", "127.0.0.1", "--port", str(port),
            "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(MAX_WAIT_MS), "--queue-size", str(QUEUE_SIZE),
-           "--request-timeout", str(REQUEST_TIMEOUT_S), "--log-level", "warning"]
+           "--request-timeout", str(REQUEST_TIMEOUT_S), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"AIMLQA_API_KEYS": ""})
     url = f"http://127.0.0.1:{port}"
     try:
         try:  # the first start of gemma-270m converts the GGUF (about a minute)
             wait_ready(url, proc, 600, 0.5)
         except RuntimeError as e:
-            raise SystemExit(f"{e}:\n{(log_dir / f'{model}.log').read_text()[-2000:]}") from None
+            raise SystemExit(f"{e}:\n{logfile.read_text()[-2000:]}") from None
         yield url
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()

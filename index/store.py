@@ -19,7 +19,7 @@ import numpy as np
 from aimlqa.settings import UserError
 from index.corpus import Chunk
 
-INDEX_TYPES = ("flat", "hnsw", "ivf")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 FORMAT_VERSION = 1
 
 
@@ -41,7 +41,9 @@ class BuildConfig:
 
 
 def make_faiss_index(vectors: np.ndarray, index_type: str):
-    """Exact inner product (= cosine on normalised vectors) by default; HNSW or IVF for large corpora."""
+    """Exact inner product (= cosine on normalised vectors) by default; HNSW or IVF for large corpora,
+    IVF-PQ when the vectors no longer fit in RAM (48 bytes a vector instead of 1,536 for MiniLM's
+    384 floats; recall and latency measured in bench/index_scale.py)."""
     import faiss
 
     n, dim = vectors.shape
@@ -49,9 +51,14 @@ def make_faiss_index(vectors: np.ndarray, index_type: str):
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
         index.hnsw.efSearch = 64
-    elif index_type == "ivf":
+    elif index_type in ("ivf", "ivfpq"):
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if index_type == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:  # dim/8 sub-vectors of 8 bits each; fewer bits where there are too few vectors to train 256 codes
+            if n < 16 or dim % 8:
+                raise UserError(f"--index-type ivfpq needs at least 16 chunks and a dimension divisible by 8 (got {n} chunks of {dim}); use flat")
+            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, dim // 8, min(8, int(math.log2(n))), faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         index.nprobe = min(nlist, 16)
     else:

@@ -31,6 +31,7 @@ def serve(
     cpus_per_replica: float = typer.Option(1.0, min=0.1, help="--ray: CPUs each model replica reserves (a vLLM replica also takes its tensor_parallel_size GPUs)"),
     index_url: Optional[str] = typer.Option(None, help="--ray: a packed index (.tar.gz) every replica fetches once (http(s)://, file://), instead of --index on shared storage"),
     ray_address: Optional[str] = typer.Option(None, help="--ray: a running Ray cluster (ray://host:10001 or auto); default: start one on this machine"),
+    detach: bool = typer.Option(False, "--detach", help="--ray with --ray-address: deploy, or roll the running deployment over to this one, and return"),
 ):
     """Serve answers over REST (and an OpenAI-compatible endpoint, and a web page). API keys: AIMLQA_API_KEYS=k1,k2."""
     import uvicorn
@@ -68,7 +69,7 @@ def serve(
     if ray:
         return serve_on_ray(specs, config, index=index_url or (str(index_dir) if needs_index or (index_dir / "manifest.json").is_file() else None),
                             mode=mode, host=host, port=port, replicas=replicas, autoscale=autoscale, cpus=cpus_per_replica, address=ray_address,
-                            log_level=log_level)
+                            log_level=log_level, detach=detach)
     app = create_app(loader=load, config=config, on_load_error=stop_on_load_error)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
     keys = "on" if config.api_keys else "off"
@@ -78,8 +79,11 @@ def serve(
         raise UserError(f"the models failed to load: {failure[0]}")
 
 
-def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale, cpus, address, log_level) -> None:
+def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale, cpus, address, log_level, detach) -> None:
     from aimlqa.settings import UserError
+
+    if detach and not address:
+        raise UserError("--detach needs --ray-address: a cluster this command starts stops with it (start one with `ray start --head`)")
     from index.fetch import materialize
     from index.retriever import Retriever
     from server import scale
@@ -94,8 +98,11 @@ def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale,
     pinned = Retriever.load(materialize(index)).manifest_hash if index else None  # every replica must serve this one
     plan = scale.plan_for(specs, replicas=replicas, autoscaling=scaling, num_cpus=cpus, index=index, index_hash=pinned, mode=mode)
     groups = "; ".join(f"{g.name}: {', '.join(g.models)} x {g.autoscaling or g.replicas}" for g in plan.groups)
-    typer.echo(f"serving on Ray Serve at http://{host}:{port} ({groups}; index {pinned or 'none'}); Ctrl-C stops", err=True)
-    scale.run(plan, config, host, port, address, log_level=log_level)
+    typer.echo(f"serving on Ray Serve at http://{host}:{port} ({groups}; index {pinned or 'none'})"
+               + ("" if detach else "; Ctrl-C stops"), err=True)
+    scale.run(plan, config, host, port, address, blocking=not detach, log_level=log_level)
+    if detach:
+        typer.echo("deployed; the cluster serves it (`serve status` shows the replicas, `serve shutdown` stops it)", err=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -67,9 +67,12 @@ class GroupPlan(BaseModel):
         return max(1, int(self.num_cpus))
 
     def deployment_options(self, config: ServerConfig) -> dict:
-        """Ray Serve's options for this group: the same queue bound as one process (queue_size
-        waiting, then 503 + Retry-After), and a replica that can fill a whole batch."""
-        options = {"name": self.name, "max_ongoing_requests": 2 * config.max_batch_size, "max_queued_requests": config.queue_size,
+        """Ray Serve's options for this group. A replica admits what one process would (a batch
+        running and `queue_size` waiting in its own batcher, then 503 + Retry-After), so requests
+        queue where they batch, not in Serve's router, which retries a full replica with back-off
+        (measured: half the throughput at 64 clients on one replica, bench/results/scale.json);
+        the router holds at most a batch more while replicas start or roll over."""
+        options = {"name": self.name, "max_ongoing_requests": config.queue_size + config.max_batch_size, "max_queued_requests": config.max_batch_size,
                    "health_check_period_s": 5.0, "graceful_shutdown_timeout_s": config.request_timeout_s}
         if self.autoscaling:
             options["autoscaling_config"] = self.autoscaling.model_dump()
@@ -363,11 +366,15 @@ def run(plan: ScalePlan, config: ServerConfig, host: str, port: int, address: st
     except RuntimeError as e:  # a replica's constructor failed (a missing model, the wrong index): Serve says which
         raise UserError(f"the deployment failed: {e}") from None
     if blocking:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated server drains like Ctrl-C
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             serve.shutdown()
+            ray.shutdown()
 
 
 def _forwarded_env() -> dict:

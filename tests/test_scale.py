@@ -34,7 +34,7 @@ def test_models_on_one_base_share_a_group_and_vllm_replicas_take_their_gpus():
     config = ServerConfig(api_keys=frozenset(), max_batch_size=4, queue_size=10)
     cpu, _, gpu = (g.deployment_options(config) for g in plan.groups)
     assert cpu["num_replicas"] == 3 and cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
-    assert cpu["max_queued_requests"] == 10 and cpu["max_ongoing_requests"] == 8  # the one-process queue bound; a batch's worth each
+    assert cpu["max_ongoing_requests"] == 14 and cpu["max_queued_requests"] == 4  # the one-process bound (a batch + the queue), a batch more in Serve
     # the 8B model over 2 GPUs: the replica reserves a placement group of them on one node for vLLM's Ray workers
     assert gpu["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1}, {"GPU": 1}] and gpu["placement_group_strategy"] == "STRICT_PACK"
     assert gpu["ray_actor_options"]["num_gpus"] == 0
