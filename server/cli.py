@@ -42,6 +42,8 @@ def serve(
     from server.app import create_app
     from server.config import ServerConfig
 
+    if not ray and (index_url or detach or ray_address or autoscale or replicas != 1):
+        raise UserError("--replicas, --autoscale, --index-url, --ray-address and --detach are for --ray (Ray Serve); add --ray, or leave them out")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = [get_spec(name) for name in dict.fromkeys(model or settings.default_models())]  # unknown names fail here, before anything loads
     needs_index = index is not None or any(s.backend == "retrieval" for s in specs)

@@ -70,9 +70,10 @@ class GroupPlan(BaseModel):
         """Ray Serve's options for this group. A replica admits what one process would (a batch
         running and `queue_size` waiting in its own batcher, then 503 + Retry-After), so requests
         queue where they batch, not in Serve's router, which retries a full replica with back-off
-        (measured: half the throughput at 64 clients on one replica, bench/results/scale.json);
-        the router holds at most a batch more while replicas start or roll over."""
-        options = {"name": self.name, "max_ongoing_requests": config.queue_size + config.max_batch_size, "max_queued_requests": config.max_batch_size,
+        (measured: half the throughput at 64 clients on one replica, docs/scale.md). Serve's
+        router holds requests while it picks a replica for them; it may hold `queue_size` too (a
+        bound of a batch there turned 10 of 400 requests at 64 clients into 503s)."""
+        options = {"name": self.name, "max_ongoing_requests": config.queue_size + config.max_batch_size, "max_queued_requests": config.queue_size,
                    "health_check_period_s": 5.0, "graceful_shutdown_timeout_s": config.request_timeout_s}
         if self.autoscaling:
             options["autoscaling_config"] = self.autoscaling.model_dump()
@@ -368,7 +369,8 @@ def run(plan: ScalePlan, config: ServerConfig, host: str, port: int, address: st
     if blocking:
         import signal
 
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a terminated server drains like Ctrl-C
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a terminated server drains like Ctrl-C (even started with SIGINT ignored, as `cmd &` does)
+            signal.signal(stop, signal.default_int_handler)
         try:
             while True:
                 time.sleep(3600)

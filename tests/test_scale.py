@@ -34,7 +34,7 @@ def test_models_on_one_base_share_a_group_and_vllm_replicas_take_their_gpus():
     config = ServerConfig(api_keys=frozenset(), max_batch_size=4, queue_size=10)
     cpu, _, gpu = (g.deployment_options(config) for g in plan.groups)
     assert cpu["num_replicas"] == 3 and cpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
-    assert cpu["max_ongoing_requests"] == 14 and cpu["max_queued_requests"] == 4  # the one-process bound (a batch + the queue), a batch more in Serve
+    assert cpu["max_ongoing_requests"] == 14 and cpu["max_queued_requests"] == 10  # the one-process bound (a batch + the queue), as much in Serve's router
     # the 8B model over 2 GPUs: the replica reserves a placement group of them on one node for vLLM's Ray workers
     assert gpu["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1}, {"GPU": 1}] and gpu["placement_group_strategy"] == "STRICT_PACK"
     assert gpu["ray_actor_options"]["num_gpus"] == 0
@@ -254,3 +254,13 @@ def test_a_rebuilt_index_rolls_out_without_downtime_and_the_queue_bound_holds(cl
         assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
         assert all(r.headers.get("retry-after") for r in replies if r.status_code == 503)
         assert ask(http, "What is gradient descent?")[0].status_code == 200  # still up
+
+
+def test_serve_says_which_options_need_ray_and_what_detach_needs(built_index):
+    import sys
+
+    for args, says in ((["--replicas", "2"], "are for --ray"), (["--ray", "--detach"], "--detach needs --ray-address"),
+                       (["--ray", "--autoscale", "4"], "give MIN:MAX replicas")):
+        run = subprocess.run([sys.executable, "-m", "aimlqa", "serve", "-m", "retrieval-only", "--index", str(built_index), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and says in run.stderr and "Traceback" not in run.stderr, run.stderr
