@@ -244,7 +244,10 @@ class RemoteService:
         self._load_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Connected before the ingress replica takes traffic (this runs in its ASGI start-up): in a
+        roll-over, the old ingress answers until the new one reaches the model groups."""
         self._load_task = asyncio.get_running_loop().create_task(self._connect())
+        await self._load_task
 
     async def stop(self) -> None:
         if self._load_task:

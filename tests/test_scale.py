@@ -132,20 +132,44 @@ def replica_names(deployment: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(built_index, tmp_path_factory):
+def cluster(built_index, tiny_models, tmp_path_factory):
+    """A local Ray cluster serving 2 replicas of `retrieval-only` and 1 of a tiny random llama (so
+    that an answer streams in several pieces), both on the test index."""
     from index.retriever import Retriever
+    from rag.registry import register
     from server.local import free_port
 
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": scale._forwarded_env()})
-    port = free_port()
-    plan = scale.plan_for(specs("retrieval-only"), replicas=2, num_cpus=1, index=str(built_index), index_hash=Retriever.load(built_index).manifest_hash)
-    scale.run(plan, ServerConfig(api_keys=frozenset()), "127.0.0.1", port, blocking=False)
-    yield f"http://127.0.0.1:{port}", plan
-    serve.shutdown()
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIMLQA_MODELS", str(tmp_path_factory.mktemp("registry") / "models.yaml"))  # forwarded to the replicas
+        register("tiny-llama", family="llama", base=str(tiny_models["llama"]), context_window=256, max_new_tokens=8, dtype="float32")
+        ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": scale._forwarded_env()})
+        port = free_port()
+        pinned = Retriever.load(built_index).manifest_hash
+        plan = scale.plan_for(specs("retrieval-only"), replicas=2, num_cpus=1, index=str(built_index), index_hash=pinned)
+        tiny = scale.plan_for(specs("tiny-llama"), num_cpus=0.5).groups[0].model_copy(update={"name": "models-1"})
+        plan = plan.model_copy(update={"groups": [*plan.groups, tiny]})
+        scale.run(plan, ServerConfig(api_keys=frozenset()), "127.0.0.1", port, blocking=False)
+        yield f"http://127.0.0.1:{port}", plan
+        serve.shutdown()
+        ray.shutdown()
+
+
+def curl(url: str, body: dict | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, or of a JSON POST, sent by curl as a user would; by httpx on a machine without curl."""
+    import shutil
+
+    if shutil.which("curl") is None:
+        import httpx
+
+        reply = httpx.post(url, json=body, timeout=60) if body is not None else httpx.get(url, timeout=60)
+        return reply.status_code, reply.text
+    post = ["-X", "POST", "-H", "content-type: application/json", "-d", json.dumps(body)] if body is not None else []
+    out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *post, url], capture_output=True, text=True, check=True).stdout
+    text, _, status = out.rpartition("\n")
+    return int(status), text
 
 
 @pytest.mark.scale
@@ -154,32 +178,30 @@ def test_two_replicas_answer_through_the_same_app_with_curl_and_the_openai_clien
 
     url, plan = cluster
     assert len(replica_names("models-0")) == 2
-    ready = json.loads(subprocess.run(["curl", "-s", f"{url}/readyz"], capture_output=True, text=True, check=True).stdout)
-    assert ready["status"] == "ready" and ready["models"] == ["retrieval-only"] and ready["index"]["manifest_hash"] == plan.index_hash
-    body = json.dumps({"question": "How does dropout reduce overfitting?", "top_k": 2})
-    out = subprocess.run(["curl", "-s", "-X", "POST", f"{url}/v1/answer", "-H", "content-type: application/json", "-d", body],
-                         capture_output=True, text=True, check=True).stdout
-    answer = json.loads(out)
-    assert "dropout" in answer["answer"].lower() and len(answer["sources"]) == 2 and answer["model"] == "retrieval-only"
-    bad = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", f"{url}/v1/answer",
-                          "-H", "content-type: application/json", "-d", '{"question": ""}'], capture_output=True, text=True).stdout
-    assert bad == "422"  # the app's own validation, through Serve
+    status, text = curl(f"{url}/readyz")
+    ready = json.loads(text)
+    assert status == 200 and ready["status"] == "ready" and ready["models"] == ["retrieval-only", "tiny-llama"] and ready["index"]["manifest_hash"] == plan.index_hash
+    status, text = curl(f"{url}/v1/answer", {"question": "How does dropout reduce overfitting?", "top_k": 2})
+    answer = json.loads(text)
+    assert status == 200 and "dropout" in answer["answer"].lower() and len(answer["sources"]) == 2 and answer["model"] == "retrieval-only"
+    assert curl(f"{url}/v1/answer", {"question": ""})[0] == 422  # the app's own validation, through Serve
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
     chat = client.chat.completions.create(model="retrieval-only", messages=[{"role": "user", "content": "What is a kernel in a convolution?"}])
     assert "kernel" in chat.choices[0].message.content.lower()
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="retrieval-only", messages=[{"role": "user", "content": "What is a kernel in a convolution?"}], stream=True))
-    assert streamed == chat.choices[0].message.content  # the replica's stream, relayed piece by piece
-    assert [m.id for m in client.models.list().data] == ["retrieval-only"]
+    # a generator's answer streams from its replica through the ingress, piece by piece
+    ask_tiny = dict(model="tiny-llama", messages=[{"role": "user", "content": "What does dropout do?"}], max_tokens=8)
+    whole = client.chat.completions.create(**ask_tiny).choices[0].message.content
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(**ask_tiny, stream=True) if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == whole
+    assert [m.id for m in client.models.list().data] == ["retrieval-only", "tiny-llama"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     from urllib.parse import quote
 
     cited = answer["sources"][0]["section_id"]
-    section = json.loads(subprocess.run(["curl", "-s", f"{url}/v1/sections/{quote(cited, safe='')}"], capture_output=True, text=True, check=True).stdout)
-    assert section["section_id"] == cited and section["text"]
-    assert subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{url}/v1/sections/nowhere"],
-                          capture_output=True, text=True).stdout == "404"
+    status, text = curl(f"{url}/v1/sections/{quote(cited, safe='')}")
+    assert status == 200 and json.loads(text)["section_id"] == cited and json.loads(text)["text"]
+    assert curl(f"{url}/v1/sections/nowhere")[0] == 404
 
 
 @pytest.mark.scale
@@ -234,7 +256,7 @@ def test_a_rebuilt_index_rolls_out_without_downtime_and_the_queue_bound_holds(cl
     assert new_hash != plan.index_hash
     tight = ServerConfig(api_keys=frozenset(), max_batch_size=1, queue_size=1)
     new_plan = plan.model_copy(update={"index": str(rebuilt), "index_hash": new_hash})
-    rollout = threading.Thread(target=scale.run, args=(new_plan, tight, "127.0.0.1", 0), kwargs={"blocking": False})
+    rollout = threading.Thread(target=scale.run, args=(new_plan, tight, "127.0.0.1", 0), kwargs={"blocking": False})  # both groups roll over
     statuses = []
     with httpx.Client(base_url=url, timeout=60) as http:
         rollout.start()
