@@ -48,9 +48,11 @@ def serve(
     specs = [get_spec(name) for name in dict.fromkeys(model or settings.default_models())]  # unknown names fail here, before anything loads
     needs_index = index is not None or any(s.backend == "retrieval" for s in specs)
     index_dir = index or settings.default_index_dir()
-    if needs_index and not (index_dir / "manifest.json").is_file():
+    if index_url and index is not None:
+        raise UserError("give --index (a path every node sees) or --index-url (a packed index fetched once per node), not both")
+    if needs_index and not index_url and not (index_dir / "manifest.json").is_file():
         raise UserError(f"no index at {index_dir}; build one with `make index` or `aimlqa index build`")
-    if not needs_index and not (index_dir / "manifest.json").is_file():
+    if not needs_index and not index_url and not (index_dir / "manifest.json").is_file():
         logging.getLogger("aimlqa.server").warning("no index at %s: answers will not be grounded", index_dir)
 
     def load() -> dict:
