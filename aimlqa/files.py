@@ -1,9 +1,13 @@
-"""Files that many processes may need at once: built by the first, read whole by all."""
+"""Files written so that no reader sees half of one: replaced atomically (`atomic_path`), or, when many
+processes may need one at once, built by the first (`built_once`)."""
 
 from __future__ import annotations
 
 import fcntl
+import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -30,3 +34,25 @@ def built_once(out: Path, build: Callable[[Path], Path], ready: Callable[[Path],
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temporary sibling path; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

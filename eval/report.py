@@ -11,7 +11,8 @@ import io
 import json
 from pathlib import Path
 
-from eval.files import atomic_path, write_json, write_jsonl, write_text
+from aimlqa.files import atomic_path, write_json, write_text
+from eval.files import write_jsonl
 from eval.metrics import ROUGE_TYPES
 from eval.scoring import CITATION_KEYS
 from rag.generators.base import is_greedy
