@@ -20,7 +20,7 @@ from pathlib import Path
 
 from aimlqa import settings
 from aimlqa.settings import UserError
-from aimlqa.files import built_once
+from aimlqa.files import built_once, write_json
 from rag.embedded import GGUF_PREFIX, cache_root, packaged_gguf
 
 # peft module name -> llama.cpp tensor name, for the decoder layers of the families exported here
@@ -62,11 +62,7 @@ def adapter_gguf(adapter: str | Path, base: str, family: str = "gemma3") -> Path
     """The adapter as a GGUF LoRA file, exported on first use and kept under $AIMLQA_HOME/gguf-lora;
     checked against the export its manifest records, if it records one."""
     adapter = Path(adapter)
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{adapter}: no adapter_model.safetensors; the llama.cpp back end needs a peft LoRA adapter directory")
-    digest = hashlib.sha256(weights.read_bytes() + base.encode()).hexdigest()[:16]
-    out = settings.home() / "gguf-lora" / f"{adapter.parent.name or 'adapter'}-{digest}.gguf"
+    out = _export_path(adapter, base)
     if out.is_file():
         return out
     pairs, alpha = _adapter_pairs(adapter, family)
@@ -74,7 +70,7 @@ def adapter_gguf(adapter: str | Path, base: str, family: str = "gemma3") -> Path
     if recorded and recorded != lora_digest(pairs, alpha):
         raise UserError(f"{adapter}: its GGUF LoRA export differs from the one its manifest records; "
                         f"re-record it with `python -m rag.gguf_lora {adapter.parent}` after checking the adapter's files")
-    return built_once(out, lambda work: _write_lora(pairs, alpha, ARCHITECTURES[family], work / "adapter.gguf"))
+    return _export(out, pairs, alpha, family)
 
 
 def record_export(root: Path) -> dict:
@@ -85,17 +81,29 @@ def record_export(root: Path) -> dict:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     base, family = manifest["base"], get_spec(manifest["recipe"]["model"]).family
     pairs, alpha = _adapter_pairs(root / "adapter", family)
+    exported = _export(_export_path(root / "adapter", base), pairs, alpha, family)  # not checked against the record it replaces
     manifest.setdefault("exports", {})["llamacpp"] = {
         "format": "GGUF LoRA (llama.cpp's convert_lora_to_gguf layout), float16, applied at load time",
         "base": base, "tensors": 2 * len(pairs), "alpha": alpha, "digest": lora_digest(pairs, alpha),
         "exported_by": "rag.gguf_lora.adapter_gguf, on first use; cached under $AIMLQA_HOME/gguf-lora",
         "command": f"python -m rag.gguf_lora {root.as_posix()}",
+        "file_bytes": exported.stat().st_size,
     }
-    manifest["exports"]["llamacpp"]["file_bytes"] = adapter_gguf(root / "adapter", base, family).stat().st_size
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    tmp.rename(path)
+    write_json(path, manifest)
     return manifest["exports"]["llamacpp"]
+
+
+def _export_path(adapter: Path, base: str) -> Path:
+    """Where an adapter's export is cached: named for its weights and base, so a changed one is a new file."""
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{adapter}: no adapter_model.safetensors; the llama.cpp back end needs a peft LoRA adapter directory")
+    digest = hashlib.sha256(weights.read_bytes() + base.encode()).hexdigest()[:16]
+    return settings.home() / "gguf-lora" / f"{adapter.parent.name or 'adapter'}-{digest}.gguf"
+
+
+def _export(out: Path, pairs: dict, alpha: float, family: str) -> Path:
+    return built_once(out, lambda work: _write_lora(pairs, alpha, ARCHITECTURES[family], work / "adapter.gguf"))
 
 
 def _manifest(adapter: Path) -> dict:
@@ -114,7 +122,7 @@ def _adapter_pairs(adapter: Path, family: str) -> tuple[dict, float]:
 def export_lora(tensors: dict, config: dict, out: Path, family: str = "gemma3") -> Path:
     """Write peft LoRA tensors as a llama.cpp GGUF adapter, once (`built_once`: no half-written file)."""
     pairs, alpha = lora_pairs(tensors, config, family)
-    return built_once(Path(out), lambda work: _write_lora(pairs, alpha, ARCHITECTURES[family], work / "adapter.gguf"))
+    return _export(Path(out), pairs, alpha, family)
 
 
 def lora_pairs(tensors: dict, config: dict, family: str = "gemma3") -> tuple[dict, float]:

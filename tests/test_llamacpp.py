@@ -147,6 +147,9 @@ def test_a_shipped_adapter_records_its_export_and_a_changed_one_is_refused(tiny_
     save_file(lora_tensors(4, 2.0), str(root / "adapter" / "adapter_model.safetensors"))
     with pytest.raises(UserError, match="differs from the one its manifest records.*python -m rag.gguf_lora"):
         adapter_gguf(root / "adapter", str(tiny_gguf))
+    # the remedy it names works: re-recording exports the changed adapter, which is then served
+    assert record_export(root)["digest"] != record["digest"]
+    assert adapter_gguf(root / "adapter", str(tiny_gguf)) != exported
 
 
 def test_a_model_requantised_to_q8_0_loads_and_answers(tiny_gguf, tmp_path):
