@@ -89,7 +89,7 @@ def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale,
     if detach and not address:
         raise UserError("--detach needs --ray-address: a cluster this command starts stops with it (start one with `ray start --head`)")
     from index.fetch import materialize
-    from index.retriever import Retriever
+    from index.store import manifest_hash, read_manifest
     from server import scale
 
     scaling = None
@@ -99,7 +99,7 @@ def serve_on_ray(specs, config, *, index, mode, host, port, replicas, autoscale,
             scaling = scale.Autoscaling(min_replicas=low, max_replicas=high)
         except ValueError as e:
             raise UserError(f"--autoscale {autoscale!r}: give MIN:MAX replicas, e.g. 1:4 ({e})") from None
-    pinned = Retriever.load(materialize(index)).manifest_hash if index else None  # every replica must serve this one
+    pinned = manifest_hash(read_manifest(materialize(index))) if index else None  # every replica must serve this one
     plan = scale.plan_for(specs, replicas=replicas, autoscaling=scaling, num_cpus=cpus, index=index, index_hash=pinned, mode=mode)
     groups = "; ".join(f"{g.name}: {', '.join(g.models)} x {g.autoscaling or g.replicas}" for g in plan.groups)
     typer.echo(f"serving on Ray Serve at http://{host}:{port} ({groups}; index {pinned or 'none'})"

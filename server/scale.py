@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from aimlqa.settings import UserError
 from server.config import ServerConfig
 from server.errors import ApiError
+from server.service import Served, Service, warm_up
 
 log = logging.getLogger("aimlqa.server")
 APP_NAME = "aimlqa"
@@ -134,6 +135,10 @@ class Failure:
     code: str
     headers: dict
 
+    @classmethod
+    def of(cls, e: ApiError) -> "Failure":
+        return cls(e.status, e.message, e.code, e.headers)
+
     def error(self) -> ApiError:
         return ApiError(self.status, self.message, self.code, self.headers)
 
@@ -149,7 +154,6 @@ class ModelGroup:
         from rag.pool import load_answerers
         from rag.registry import get_spec
         from server.metrics import Metrics
-        from server.service import Service, warm_up
 
         os.environ["AIMLQA_THREADS"] = str(threads)  # this replica's CPUs, not the machine's: replicas share it
         torch.set_num_threads(threads)
@@ -175,13 +179,13 @@ class ModelGroup:
         try:
             return await (await self._ready()).section(section_id)
         except ApiError as e:
-            return Failure(e.status, e.message, e.code, e.headers)
+            return Failure.of(e)
 
     async def answer(self, model: str, question: str, kw: dict):
         try:
             return await (await self._ready()).answer(model, question, **kw)
         except ApiError as e:
-            return Failure(e.status, e.message, e.code, e.headers)
+            return Failure.of(e)
 
     async def answer_stream(self, model: str, question: str, kw: dict):
         """The pieces of the cited text as they are generated, then the Result (or a Failure)."""
@@ -198,7 +202,7 @@ class ModelGroup:
         try:
             yield task.result()
         except ApiError as e:
-            yield Failure(e.status, e.message, e.code, e.headers)
+            yield Failure.of(e)
 
     def check_health(self) -> None:
         """Serve replaces a replica whose batcher died."""
@@ -209,27 +213,26 @@ class ModelGroup:
 def open_index(index: str | None, expected_hash: str | None, required: bool):
     """The index a replica serves: a local path, or a URL fetched once into $AIMLQA_HOME; it must be
     the one the plan names (its manifest hash), so replicas of one plan never mix two indexes."""
-    from pathlib import Path
-
     from index.fetch import materialize
     from rag.cli import open_retriever
 
-    path = materialize(index) if index else None
-    retriever = open_retriever(Path(path) if path else None, required=required)
+    retriever = open_retriever(materialize(index) if index else None, required=required)
     if expected_hash and retriever is not None and retriever.manifest_hash != expected_hash:
         raise UserError(f"the index at {index} has manifest hash {retriever.manifest_hash}, not {expected_hash} as planned; "
                         "deploy the plan of the index that is there")
     return retriever
 
 
-class _Spec:
-    """What the routes read of a served model (`/v1/models`): its registry entry and adapter name."""
+@dataclass
+class RemoteModel:
+    """A model served by a group: what the routes read of it (`/v1/models`), and the group's handle."""
 
-    def __init__(self, spec, adapter):
-        self.spec, self.adapter = spec, adapter
+    spec: object  # rag.registry.ModelSpec
+    adapter: str | None
+    handle: object
 
 
-class RemoteService:
+class RemoteService(Served):
     """`server.service.Service`'s face to the routes, over the ModelGroup deployments: the routes and
     schemas are the single-process server's own. A replica lost mid-request is retried once on
     another (answers have no side effects); queue bounds come back as 503 + Retry-After."""
@@ -239,8 +242,7 @@ class RemoteService:
     def __init__(self, plan: ScalePlan, config: ServerConfig):
         self.plan, self.config = plan, config
         self.state, self.load_error = "loading", ""
-        self.answerers: dict = {}
-        self._handles: dict = {}  # model -> handle of its group
+        self.answerers: dict[str, RemoteModel] = {}
         self._load_task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -261,15 +263,15 @@ class RemoteService:
                     handle = serve.get_deployment_handle(group.name, app_name=APP_NAME)
                     info = await handle.info.remote()
                     for name, spec in info["models"].items():
-                        self.answerers[name], self._handles[name] = _Spec(spec, info["adapters"][name]), handle
+                        self.answerers[name] = RemoteModel(spec, info["adapters"][name], handle)
                 self.state = "ready"
             except Exception as exc:  # a group still starting: Serve answers once its replicas are up
                 log.info("waiting for the model deployments: %s", exc)
                 await asyncio.sleep(1)
 
     @property
-    def default_model(self) -> str:
-        return self.plan.default_model if self.plan.default_model in self.answerers else next(iter(self.answerers))
+    def preferred_model(self) -> str | None:
+        return self.plan.default_model
 
     def require_ready(self) -> None:
         if self.state != "ready":
@@ -279,14 +281,12 @@ class RemoteService:
         """Asked of a replica each time: during a roll-over, the index that replica serves."""
         if self.state != "ready":
             return None
-        return (await self._call(next(iter(self._handles.values())).info))["index"]
+        return (await self._call(self._any().handle.info))["index"]
 
-    def _handle(self, model: str | None):
+    def _any(self) -> RemoteModel:
+        """Any group: each holds the same index."""
         self.require_ready()
-        name = model or self.default_model
-        if name not in self._handles:
-            raise ApiError(404, f"unknown model {name!r}; this server serves: {', '.join(self.answerers)}", "model_not_found")
-        return name, self._handles[name]
+        return next(iter(self.answerers.values()))
 
     async def _call(self, method, *args):
         """One call to a replica, retried once on another if the first was lost or overloaded."""
@@ -309,11 +309,11 @@ class RemoteService:
             return out
 
     async def section(self, section_id: str) -> dict:
-        self.require_ready()
-        return await self._call(next(iter(self._handles.values())).section, section_id)
+        return await self._call(self._any().handle.section, section_id)
 
     async def answer(self, model: str | None, question: str, *, on_text=None, **kw):
-        name, handle = self._handle(model)
+        name, served = self.resolve(model)
+        handle = served.handle
         if on_text is None:
             return await self._call(handle.answer, name, question, kw)
         result = None

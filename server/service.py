@@ -61,7 +61,28 @@ def warm_up(answerers: dict) -> None:
         answerer.answer_many(["What is machine learning?"], rag=answerer.retriever is not None, k=1, **gen)
 
 
-class Service:
+class Served:
+    """Which served model a request names: the part of a service that does not depend on where the
+    models run (this process, or Ray Serve replicas: `server.scale.RemoteService`). A service has
+    `answerers` ({name: what answers it}), `preferred_model` and `require_ready()`."""
+
+    answerers: dict
+    preferred_model: str | None = None
+
+    @property
+    def default_model(self) -> str:
+        return self.preferred_model if self.preferred_model in self.answerers else next(iter(self.answerers))
+
+    def resolve(self, name: str | None):
+        """A served model by name: a request can name only these, never a path or a hub id."""
+        self.require_ready()
+        name = name or self.default_model
+        if name not in self.answerers:
+            raise ApiError(404, f"unknown model {name!r}; this server serves: {', '.join(self.answerers)}", "model_not_found")
+        return name, self.answerers[name]
+
+
+class Service(Served):
     def __init__(self, config: ServerConfig, metrics: Metrics, answerers: dict | None = None, loader: Loader | None = None,
                  on_load_error: Callable[[str], None] | None = None):
         if (answerers is None) == (loader is None):
@@ -140,22 +161,14 @@ class Service:
     # --- what is served -----------------------------------------------------------------
 
     @property
-    def default_model(self) -> str:
-        return self.config.default_model if self.config.default_model in self.answerers else next(iter(self.answerers))
+    def preferred_model(self) -> str | None:
+        return self.config.default_model
 
     def require_ready(self) -> None:
         if self.state == "loading":
             raise ApiError(503, "the models are still loading; retry shortly", "loading", {"Retry-After": "5"})
         if self.state == "failed":
             raise ApiError(503, f"the models failed to load: {self.load_error}", "load_failed")
-
-    def resolve(self, name: str | None):
-        """A served model by name: a request can name only these, never a path or a hub id."""
-        self.require_ready()
-        name = name or self.default_model
-        if name not in self.answerers:
-            raise ApiError(404, f"unknown model {name!r}; this server serves: {', '.join(self.answerers)}", "model_not_found")
-        return name, self.answerers[name]
 
     async def section(self, section_id: str) -> dict:
         """A cited section's text, from the served index: what a citation's link opens."""
