@@ -22,12 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
-from common import percentiles, verdict, write  # noqa: E402  (sets sys.path)
+from common import verdict, write  # noqa: E402  (sets sys.path)
 
-import httpx
 from serve_load import bench_index, closed_loop, questions, server
 
 LEVELS = (16, 64)
@@ -48,45 +46,6 @@ def levels(url: str, qs: list[str], requests: int) -> dict:
         out[str(clients)] = r
         print(f"  {clients:3} clients: {r['answers_per_s']:7.1f} answers/s  p50 {r.get('p50_ms', 0):7.1f}  p99 {r.get('p99_ms', 0):7.1f} ms  errors {r['errors'] or 0}", flush=True)
     return out
-
-
-async def retried_load(url: str, qs: list[str], clients: int, requests: int, after_killing) -> dict:
-    """Closed loop with the documented client retry; `after_killing()` runs once a third of the requests are answered."""
-    latencies, outcome, retried, tickets, answered = [], Counter(), [0], iter(range(requests)), [0]
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-
-        async def one(question: str) -> int | str:
-            for attempt in (1, 2):
-                try:
-                    r = await client.post("/v1/answer", json=BODY | {"question": question})
-                except httpx.TransportError as e:
-                    if attempt == 2:
-                        return type(e).__name__
-                    retried[0] += 1
-                    continue
-                if r.status_code == 503 and attempt == 1:
-                    retried[0] += 1
-                    await asyncio.sleep(float(r.headers.get("retry-after", 1)))
-                    continue
-                return r.status_code
-
-        async def worker():
-            for i in tickets:
-                t0 = time.perf_counter()
-                status = await one(qs[i % len(qs)])
-                outcome[status] += 1
-                if status == 200:
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                answered[0] += 1
-                if answered[0] == requests // 3:
-                    await asyncio.to_thread(after_killing)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": requests, "ok": outcome[200], "failed_after_retry": requests - outcome[200],
-            "outcomes": {str(k): v for k, v in outcome.items()}, "retried": retried[0], "seconds": round(wall, 2),
-            "answers_per_s": round(outcome[200] / wall, 2), **percentiles(latencies)}
 
 
 def kill_a_replica() -> str:
@@ -119,8 +78,8 @@ def main() -> None:
                 if name == "serve_2x1cpu":
                     print("  a replica killed under load (16 clients, one retry):", flush=True)
                     killed = []
-                    result["replica_killed"] = asyncio.run(retried_load(url, qs, 16, args.requests, lambda: killed.append(kill_a_replica())))
-                    result["replica_killed"]["killed"] = killed
+                    killed_run = asyncio.run(closed_loop(url, BODY, qs, 16, args.requests, retries=1, midway=lambda: killed.append(kill_a_replica())))
+                    result["replica_killed"] = killed_run | {"failed_after_retry": args.requests - killed_run["ok"], "killed": killed}
                     print(f"  {result['replica_killed']}", flush=True)
     rate = {name: {c: result[name]["levels"][str(c)]["answers_per_s"] for c in LEVELS} for name in SETUPS}
     result["ratios"] = {f"{c}_clients": {

@@ -103,23 +103,43 @@ def batch_stats(url: str, model: str) -> tuple[float, float]:
     return values.get("aimlqa_batch_size_sum", 0.0), values.get("aimlqa_batch_size_count", 0.0)
 
 
-async def closed_loop(url: str, body: dict, qs: list[str], clients: int, requests: int) -> dict:
-    """`clients` workers, each sending its next request as soon as the last one is answered."""
-    latencies, statuses, tickets = [], Counter(), iter(range(requests))
+async def closed_loop(url: str, body: dict, qs: list[str], clients: int, requests: int, retries: int = 0, midway=None) -> dict:
+    """`clients` workers, each sending its next request as soon as the last one is answered.
+    `retries`: a request is sent again, up to that many times, after a 503 (waiting its
+    Retry-After) or a dropped connection; `midway()` runs once, in a thread, when a third of the
+    requests have been answered."""
+    latencies, statuses, tickets, retried, answered = [], Counter(), iter(range(requests)), [0], [0]
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def send(question: str) -> int | str:
+            for attempt in range(retries + 1):
+                last = attempt == retries
+                try:
+                    r = await client.post("/v1/answer", json=body | {"question": question})
+                except httpx.TransportError as e:
+                    if last:
+                        return type(e).__name__
+                    retried[0] += 1
+                    continue
+                except httpx.HTTPError as e:
+                    return type(e).__name__
+                if r.status_code == 503 and not last:
+                    retried[0] += 1
+                    await asyncio.sleep(float(r.headers.get("retry-after", 1)))
+                    continue
+                return r.status_code
 
         async def worker():
             for i in tickets:
                 t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/answer", json=body | {"question": qs[i % len(qs)]})
-                    statuses[r.status_code] += 1
-                except httpx.HTTPError as e:
-                    statuses[type(e).__name__] += 1
-                    continue
-                if r.status_code == 200:
+                status = await send(qs[i % len(qs)])
+                statuses[status] += 1
+                if status == 200:
                     latencies.append((time.perf_counter() - t0) * 1000)
+                answered[0] += 1
+                if midway is not None and answered[0] == requests // 3:
+                    await asyncio.to_thread(midway)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -131,6 +151,7 @@ async def closed_loop(url: str, body: dict, qs: list[str], clients: int, request
         "ok": statuses[200],
         "errors": errors,
         "server_errors_5xx": sum(v for k, v in statuses.items() if isinstance(k, int) and k >= 500),
+        "retried": retried[0],
         "seconds": round(wall, 3),
         "answers_per_s": round(statuses[200] / wall, 4),
         **(percentiles(latencies) if latencies else {}),
